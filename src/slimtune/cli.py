@@ -1,0 +1,214 @@
+"""``slimtune train|eval|merge|methods|demo``. User errors print one line and exit with code 2."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+from .errors import SlimtuneError, TrainingDiverged
+
+EXIT_USAGE = 2
+
+
+def _quiet() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import datasets
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    datasets.utils.logging.disable_progress_bar()
+    logging.basicConfig(format="slimtune: %(message)s", level=logging.WARNING)
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def print_report(summary: dict[str, Any]) -> None:
+    before, after = summary.get("eval_before") or {}, summary.get("eval_after") or {}
+    keys = [k for k in ("accuracy", "loss", "perplexity") if k in before or k in after]
+    print(
+        f"\n{summary['params']} + {summary['optimizer']} on {summary['model']}: "
+        f"{summary['steps']} steps, {summary['trainable_params']:,} trainable parameters "
+        f"({100 * summary['trainable_fraction']:.2f}%)"
+    )
+    if keys:
+        print(f"{'held-out':<12}{'before':>10}{'after':>10}")
+        for k in keys:
+            print(f"{k:<12}{_fmt(before.get(k, '-')):>10}{_fmt(after.get(k, '-')):>10}")
+    print(
+        f"train: {summary['train_seconds']:.0f} s, {summary['tokens_per_s']:.0f} tokens/s, "
+        f"peak memory {summary['peak_memory_bytes'] / 2**30:.2f} GB ({summary['device']})"
+    )
+    for s in after.get("samples", []):
+        print(f"sample: ...{s['prompt'][-60:]!r} -> {s['completion']!r}")
+
+
+def _split_recipe(items: list[str]) -> tuple[str | None, list[str]]:
+    """``[recipe] key=value ...``: the first item is the recipe unless it is an override."""
+    if items and "=" not in items[0]:
+        return items[0], items[1:]
+    return None, items
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from . import config
+    from .loop import train
+
+    recipe, overrides = _split_recipe(args.args)
+    cfg = config.load(recipe, overrides)
+    _quiet()
+    result = train(cfg)
+    print_report(result.summary)
+    print(f"run directory: {result.run_dir}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from . import config
+    from .loop import train
+
+    recipe = files("slimtune").joinpath("recipes/demo.yaml")
+    cfg = config.load(str(recipe), args.overrides)
+    _quiet()
+    print(
+        "slimtune demo: LoRA on SmolLM2-135M-Instruct, SST-2 sentiment (600 train / 272 held out)"
+    )
+    result = train(cfg)
+    print_report(result.summary)
+    print(f"run directory: {result.run_dir}")
+    return 0
+
+
+def _load_run(run_dir: Path, overrides: list[str]):
+    """(config, trained model, tokenizer, method) of a finished run directory."""
+    from . import config, registry
+    from .models import load_model
+
+    if not (run_dir / "config.yaml").is_file() or not (run_dir / "summary.json").is_file():
+        raise SlimtuneError(
+            f"run directory {str(run_dir)!r}: no finished run (config.yaml, summary.json)"
+        )
+    cfg = config.from_dict(
+        config.merge(config.read_yaml(run_dir / "config.yaml"), config.parse_overrides(overrides))
+    )
+    base, tok = load_model(cfg.model.name, cfg.model.dtype, device=cfg.model.device)
+    method = registry.get("params", cfg.params.name)(cfg.params)
+    model = method.load(base, run_dir)
+    return cfg, model, tok, method
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from . import config
+    from .data import load_splits
+    from .evaluate import evaluate
+    from .loss import find_head
+    from .models import load_model
+
+    target = Path(args.target)
+    _quiet()
+    if target.is_dir():
+        cfg, model, tok, _ = _load_run(target, args.overrides)
+    else:
+        cfg = config.load(target, args.overrides)
+        model, tok = load_model(cfg.model.name, cfg.model.dtype, device=cfg.model.device)
+    splits = load_splits(cfg.data, tok)
+    examples = splits.eval or splits.train
+    metrics = evaluate(
+        model, tok, find_head(model), examples, cfg.eval, cfg.train.loss_chunk_tokens
+    )
+    print(json.dumps({"examples": len(examples), **metrics}, indent=1))
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from .checkpoint import atomic_dir, commit_dir
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) if out.is_dir() else out.exists():
+        raise SlimtuneError(f"merge: output {str(out)!r} exists; choose a new directory")
+    _quiet()
+    _, model, tok, method = _load_run(Path(args.run_dir), [])
+    merged = method.merge(model)
+    tmp = atomic_dir(out)
+    merged.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    commit_dir(tmp, out)
+    print(f"merged weights written to {out}")
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from . import registry
+    from .config import field_docs
+    from .methods.base import summary_of
+
+    for axis in registry.AXES:
+        print(f"{axis}:")
+        for name in registry.names(axis):
+            cls = registry.get(axis, name)
+            print(f"  {name:<10} {summary_of(cls)}")
+            docs = field_docs(cls.Config)
+            for f in dataclasses.fields(cls.Config):
+                default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                print(f"      {f.name} = {default!r}: {docs.get(f.name, '')}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="slimtune", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train a recipe: slimtune train RECIPE.yaml [key=value ...]")
+    t.add_argument(
+        "args",
+        nargs="*",
+        metavar="RECIPE.yaml [key=value ...]",
+        help="a recipe file (optional), then overrides such as train.steps=10 params.r=4",
+    )
+    t.set_defaults(fn=cmd_train)
+    d = sub.add_parser(
+        "demo", help="LoRA on the bundled SmolLM2-135M, SST-2, held-out accuracy before/after"
+    )
+    d.add_argument("overrides", nargs="*")
+    d.set_defaults(fn=cmd_demo)
+    e = sub.add_parser(
+        "eval", help="evaluate a run directory or a recipe's model on its held-out data"
+    )
+    e.add_argument("target")
+    e.add_argument("overrides", nargs="*")
+    e.set_defaults(fn=cmd_eval)
+    m = sub.add_parser("merge", help="fold a run's adapter into plain Hugging Face weights")
+    m.add_argument("run_dir")
+    m.add_argument("out")
+    m.set_defaults(fn=cmd_merge)
+    sub.add_parser("methods", help="list registered methods and their options").set_defaults(
+        fn=cmd_methods
+    )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except SlimtuneError as e:
+        print(f"slimtune: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except TrainingDiverged as e:
+        print(f"slimtune: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("slimtune: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,405 @@
+"""Typed run configuration: YAML recipe + ``key=value`` overrides -> validated dataclasses.
+
+Every field is documented by the string literal under it; :func:`field_docs` reads those strings
+so that ``slimtune methods`` and error messages show them. Validation errors name the field
+(``train.batch_size``), what was expected and what was given.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import inspect
+import textwrap
+import types
+import typing
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from . import registry
+from .errors import SlimtuneError
+
+
+@dataclass
+class ModelConfig:
+    name: str = "smollm2-135m"
+    """Bundled name (smollm2-135m, gemma3-270m, tiny-llama), a local Hugging Face directory, a .gguf file, or a hub id."""
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Dtype the weights are held in."""
+    device: str = "auto"
+    """auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps."""
+    trust_remote_code: bool = False
+    """Allow model code from the checkpoint to run. Off unless you trust the source."""
+    attn_implementation: str | None = None
+    """Attention kernel passed to transformers (sdpa, eager, ...); default: transformers' choice."""
+
+
+@dataclass
+class DataConfig:
+    path: str = ""
+    """JSONL/JSON/CSV/Parquet file, a `datasets.save_to_disk` directory, or pkg:PACKAGE/sub/path for data shipped in an installed package."""
+    format: Literal["text", "alpaca", "messages", "classification", "preference"] = "text"
+    """How records become prompt/response pairs."""
+    split: str | None = None
+    """Split to use when the path holds a DatasetDict (e.g. train)."""
+    columns: dict[str, str] = field(default_factory=dict)
+    """Column names, where they differ from the format's defaults (e.g. {text: sentence})."""
+    template: str | None = None
+    """Prompt template with {column} placeholders (alpaca and classification)."""
+    label_words: list[str] = field(default_factory=list)
+    """classification: the answer text for label 0, 1, ...; the label column may also hold the words."""
+    chat: bool = False
+    """Wrap the prompt in the tokenizer's chat template (the response becomes the assistant turn)."""
+    system: str | None = None
+    """System message for chat prompts."""
+    max_seq_len: int = 512
+    """Longest sequence in tokens; longer examples lose the start of their prompt first."""
+    packing: bool = False
+    """Concatenate examples into blocks of max_seq_len (text and SFT formats)."""
+    eval_path: str | None = None
+    """Separate held-out data; otherwise eval_size rows of `path` are held out."""
+    eval_size: float = 0.0
+    """Held-out part of `path`: a fraction (< 1) or a row count (>= 1)."""
+    limit: int | None = None
+    """Use at most this many training rows (after the shuffle and the split)."""
+    seed: int = 0
+    """Seed of the shuffle that precedes the train/eval split."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 0
+    """Optimizer steps; 0 means `epochs` passes over the training data."""
+    epochs: float = 1.0
+    """Passes over the training data when steps is 0."""
+    batch_size: int = 4
+    """Examples per micro-batch (per process)."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """Learning-rate decay after warm-up."""
+    warmup_steps: int = 0
+    """Linear warm-up steps."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this; 0 turns clipping off."""
+    gradient_checkpointing: bool = False
+    """Recompute block activations in backward instead of storing them (less memory, ~1/3 more compute)."""
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    """Autocast compute dtype (through accelerate)."""
+    loss_chunk_tokens: int = 512
+    """Tokens per chunk of the chunked cross-entropy: full-vocabulary logits exist for one chunk at a time."""
+    eval_every: int = 0
+    """Evaluate every N steps (0: only before and after training)."""
+    eval_before: bool = True
+    """Evaluate once before the first step, so the run reports its own baseline."""
+    save_every: int = 0
+    """Write a resumable checkpoint every N steps (0: none)."""
+    keep_checkpoints: int = 2
+    """How many recent checkpoints to keep."""
+    log_every: int = 1
+    """Write a metrics.jsonl row every N steps."""
+    seed: int = 0
+    """Seed of initialisation, data order and dropout."""
+    report_to: list[str] = field(default_factory=list)
+    """accelerate trackers (tensorboard, wandb, ...)."""
+    progress: bool = True
+    """Show a progress bar."""
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 8
+    """Examples per evaluation forward."""
+    max_examples: int | None = None
+    """Evaluate on at most this many held-out examples."""
+    generate: int = 0
+    """Number of held-out prompts to answer with greedy generation in the report."""
+    max_new_tokens: int = 32
+    """Length of those generations."""
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The base model."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Training and held-out data."""
+    params: Any = None
+    """Which parameters train, and in what form: {name: lora, r: 8, ...} or just a method name."""
+    optimizer: Any = None
+    """How an update is computed: {name: adamw, lr: 1e-4, ...} or just a name."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """The loop's settings."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Held-out evaluation."""
+    output_dir: str = "runs/latest"
+    """Run directory: resolved config, metrics.jsonl, summary.json, checkpoints, final artefacts."""
+    overwrite: bool = False
+    """Replace an existing non-empty output_dir."""
+    resume: bool = False
+    """Continue from the newest checkpoint in output_dir."""
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name in registry.AXES:
+                value = {"name": value.name, **dataclasses.asdict(value)}
+            elif dataclasses.is_dataclass(value):
+                value = dataclasses.asdict(value)
+            out[f.name] = value
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Building dataclasses from plain data, with messages that name the field
+# ---------------------------------------------------------------------------------------------
+
+
+@cache
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of a dataclass (PEP 257 attribute docstrings)."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError):
+            continue
+        body = tree.body[0].body  # type: ignore[attr-defined]
+        for node, nxt in zip(body, body[1:]):
+            if (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(node.target, ast.Name)
+                and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)
+            ):
+                docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "a mapping"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
+        tp, getattr(tp, "__name__", str(tp))
+    )
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    bad = SlimtuneError(f"config: {where}: expected {_type_name(tp)}, got {value!r}")
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except SlimtuneError:
+                continue
+        raise bad
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise bad
+    if origin is list:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            value = [value]  # a single item where a list is expected is the list of that item
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        (item,) = typing.get_args(tp)
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise bad
+        _, vt = typing.get_args(tp)
+        return {str(k): _coerce(v, vt, f"{where}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, where)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise bad
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise bad from None
+        raise bad
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise bad
+    return value
+
+
+def build(cls: type, data: Any, where: str) -> Any:
+    """Make ``cls`` from a mapping; unknown keys and wrong types raise :class:`SlimtuneError`."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise SlimtuneError(f"config: {where}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            hint = difflib.get_close_matches(str(key), fields, n=1)
+            extra = f" (did you mean {hint[0]!r}?)" if hint else ""
+            allowed = ", ".join(fields)
+            raise SlimtuneError(
+                f"config: {where}: unknown key {key!r}{extra}; allowed keys: {allowed}"
+            )
+        kwargs[key] = _coerce(value, hints[key], f"{where}.{key}" if where else key)
+    try:
+        obj = cls(**kwargs)
+    except (ValueError, TypeError) as e:
+        raise SlimtuneError(f"config: {where}: {e}") from None
+    return obj
+
+
+def _method(axis: str, spec: Any, default: str) -> Any:
+    """A method spec (name or {name: ..., field: ...}) -> that method's validated config object."""
+    if spec is None:
+        spec = default
+    if isinstance(spec, str):
+        spec = {"name": spec}
+    if not isinstance(spec, dict) or "name" not in spec:
+        raise SlimtuneError(f"config: {axis}: expected a method name or a mapping with 'name'")
+    spec = dict(spec)
+    name = spec.pop("name")
+    cls = registry.get(axis, str(name))
+    cfg = build(cls.Config, spec, axis)
+    cfg.name = name
+    return cfg
+
+
+def _check_positive(cfg: RunConfig) -> None:
+    checks = [
+        ("train.batch_size", cfg.train.batch_size, 1),
+        ("train.grad_accum", cfg.train.grad_accum, 1),
+        ("train.steps", cfg.train.steps, 0),
+        ("train.warmup_steps", cfg.train.warmup_steps, 0),
+        ("train.eval_every", cfg.train.eval_every, 0),
+        ("train.save_every", cfg.train.save_every, 0),
+        ("train.keep_checkpoints", cfg.train.keep_checkpoints, 1),
+        ("train.log_every", cfg.train.log_every, 1),
+        ("train.loss_chunk_tokens", cfg.train.loss_chunk_tokens, 1),
+        ("data.max_seq_len", cfg.data.max_seq_len, 2),
+        ("eval.batch_size", cfg.eval.batch_size, 1),
+        ("eval.generate", cfg.eval.generate, 0),
+    ]
+    for name, value, low in checks:
+        if value < low:
+            raise SlimtuneError(f"config: {name}: must be >= {low}, got {value}")
+    if cfg.train.steps == 0 and cfg.train.epochs <= 0:
+        raise SlimtuneError("config: train.epochs: must be > 0 when train.steps is 0")
+    if cfg.train.max_grad_norm < 0:
+        raise SlimtuneError("config: train.max_grad_norm: must be >= 0")
+    if cfg.data.eval_size < 0:
+        raise SlimtuneError("config: data.eval_size: must be >= 0")
+    if not cfg.data.path:
+        raise SlimtuneError("config: data.path: required (a data file, directory or pkg:path)")
+
+
+def from_dict(data: dict[str, Any]) -> RunConfig:
+    """Validate a whole recipe (already parsed) into a :class:`RunConfig`."""
+    data = dict(data or {})
+    params = data.pop("params", None)
+    optimizer = data.pop("optimizer", None)
+    cfg = build(RunConfig, data, "")
+    cfg.params = _method("params", params, "full")
+    cfg.optimizer = _method("optimizer", optimizer, "adamw")
+    _check_positive(cfg)
+    return cfg
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["train.steps=10", "params.r=4"]`` -> nested dict; values are parsed as YAML scalars."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise SlimtuneError(f"override {item!r}: expected key=value (e.g. train.steps=10)")
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise SlimtuneError(f"override {item!r}: {part} is not a section")
+        node[parts[-1]] = value
+    return out
+
+
+def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if key in ("params", "optimizer") and isinstance(out.get(key), str):
+            out[key] = {"name": out[key]}
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise SlimtuneError(f"recipe {str(path)!r}: no such file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or "invalid YAML"
+        raise SlimtuneError(f"recipe {str(path)!r}{where}: {problem}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise SlimtuneError(f"recipe {str(path)!r}: the top level must be a mapping")
+    return data
+
+
+def load(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a recipe file (optional), apply overrides, validate."""
+    data = read_yaml(path) if path is not None else {}
+    return from_dict(merge(data, parse_overrides(overrides or [])))
+
+
+def dump(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,0 +1,341 @@
+"""THE training loop. Methods reach it only through their hooks (methods/base.py).
+
+Read top to bottom: set-up (model, data, method, optimizer, accelerate), then one optimizer step
+per iteration: gather ``grad_accum`` micro-batches, normalise the loss by the number of target
+tokens of the whole step (so batch 8 == batch 4 x accumulation 2), backward, clip, step, log,
+evaluate, checkpoint. Then the final artefacts and ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from . import checkpoint, config, registry
+from .config import RunConfig
+from .data import Example, Splits, collate, index_stream, load_splits
+from .errors import SlimtuneError, TrainingDiverged
+from .evaluate import evaluate
+from .loss import Head, causal_lm_loss, find_head
+from .memory import fmt_bytes, peak_bytes
+from .methods.base import ParamsMethod, PrepareContext
+from .models import load_model, pick_device
+
+log = logging.getLogger(__name__)
+
+SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    summary: dict[str, Any]
+    model: torch.nn.Module  # trained, unwrapped (adapters not merged)
+    tokenizer: Any
+    method: ParamsMethod
+
+
+def _check_output_dir(cfg: RunConfig) -> Path:
+    run_dir = Path(cfg.output_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise SlimtuneError(f"config: output_dir: {str(run_dir)!r} exists and is not a directory")
+    busy = run_dir.is_dir() and any(run_dir.iterdir())
+    if busy and not (cfg.overwrite or cfg.resume):
+        raise SlimtuneError(
+            f"config: output_dir: {str(run_dir)!r} is not empty; set resume=true to continue "
+            "or overwrite=true to replace it"
+        )
+    if cfg.resume and not checkpoint.list_checkpoints(run_dir / "checkpoints"):
+        raise SlimtuneError(f"config: resume: no checkpoint in {str(run_dir / 'checkpoints')!r}")
+    return run_dir
+
+
+def total_steps(cfg: RunConfig, n_train: int, world: int) -> int:
+    if cfg.train.steps:
+        return cfg.train.steps
+    per_step = cfg.train.batch_size * cfg.train.grad_accum * world
+    return max(1, math.ceil(cfg.train.epochs * n_train / per_step))
+
+
+class Batches:
+    """Deterministic global micro-batches; each process takes its own slice of each one.
+
+    ``position`` counts examples consumed by all processes together, so it alone (with the data
+    seed) determines what comes next: that is what a checkpoint stores for an exact resume.
+    """
+
+    def __init__(self, examples: list[Example], batch: int, seed: int, rank: int, world: int):
+        self.examples, self.batch, self.rank, self.world = examples, batch, rank, world
+        self.seed, self.position = seed, 0
+        self._stream = index_stream(len(examples), seed)
+
+    def seek(self, position: int) -> None:
+        self.position = position
+        self._stream = index_stream(len(self.examples), self.seed, position)
+
+    def next(self, pad_id: int) -> dict[str, torch.Tensor]:
+        idx = [next(self._stream) for _ in range(self.batch * self.world)]
+        self.position += len(idx)
+        mine = idx[self.rank * self.batch : (self.rank + 1) * self.batch]
+        return collate([self.examples[i] for i in mine], pad_id)
+
+
+def train(
+    cfg: RunConfig,
+    *,
+    on_step_end: Callable[[int, dict[str, Any]], None] | None = None,
+    splits: Splits | None = None,
+) -> RunResult:
+    """Run a recipe. Bad input raises SlimtuneError before anything is written."""
+    t_start = time.perf_counter()
+    run_dir = _check_output_dir(cfg)
+    tc = cfg.train
+
+    # --- set-up; nothing is written until all of it has succeeded ---------------------------
+    device = pick_device(cfg.model.device)
+    accelerator = Accelerator(
+        cpu=device.type == "cpu",
+        mixed_precision=tc.mixed_precision,
+        log_with=tc.report_to or None,
+        project_dir=str(run_dir),
+    )
+    rank, world = accelerator.process_index, accelerator.num_processes
+    set_seed(tc.seed)
+    model, tok = load_model(
+        cfg.model.name,
+        cfg.model.dtype,
+        device=None,
+        trust_remote_code=cfg.model.trust_remote_code,
+        attn_implementation=cfg.model.attn_implementation,
+    )
+    splits = splits or load_splits(cfg.data, tok)
+    batches = Batches(splits.train, tc.batch_size, tc.seed, rank, world)
+    steps = total_steps(cfg, len(splits.train), world)
+
+    method: ParamsMethod = registry.get("params", cfg.params.name)(cfg.params)
+    optim_method = registry.get("optimizer", cfg.optimizer.name)(cfg.optimizer)
+    work_dir = run_dir / ".work"
+
+    def calibration():
+        cal = Batches(splits.train, tc.batch_size, tc.seed + 1, 0, 1)
+        while True:
+            yield cal.next(tok.pad_token_id)
+
+    model.to(accelerator.device)
+    ctx = PrepareContext(tok, work_dir, tc.seed, calibration)
+    if accelerator.is_main_process:
+        if cfg.overwrite and run_dir.is_dir() and not cfg.resume:
+            shutil.rmtree(run_dir)
+        work_dir.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    try:
+        model = method.prepare(model, ctx)
+    except BaseException:
+        if accelerator.is_main_process and not cfg.resume:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    model.config.use_cache = False
+    if tc.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_total = sum(p.numel() for p in model.parameters())
+    if n_trainable == 0:
+        raise SlimtuneError(f"params: method {cfg.params.name!r} left no trainable parameter")
+    groups = method.param_groups(model, cfg.optimizer.weight_decay)
+    optimizer = optim_method.build(groups)
+    scheduler = get_scheduler(
+        SCHEDULES[tc.schedule],
+        optimizer,
+        num_warmup_steps=tc.warmup_steps,
+        num_training_steps=steps,
+    )
+    model.train()
+    model, optimizer = accelerator.prepare(model, optimizer)
+    plain = accelerator.unwrap_model(model)
+    head: Head = find_head(plain)
+
+    # --- the run directory -------------------------------------------------------------------
+    step, tokens_seen, train_seconds = 0, 0, 0.0
+    ckpt_root = run_dir / "checkpoints"
+    if cfg.resume:
+        last = checkpoint.list_checkpoints(ckpt_root)[-1]
+        state = checkpoint.read_state(last)
+        method.load_trainable(plain, last / "trainable.safetensors")
+        optimizer.load_state_dict(checkpoint.load_file(last / "optimizer.pt"))
+        scheduler.load_state_dict(checkpoint.load_file(last / "scheduler.pt"))
+        checkpoint.set_rng_state(checkpoint.load_file(last / "rng.pt"))
+        step, tokens_seen = state["step"], state["tokens"]
+        train_seconds = state["train_seconds"]
+        batches.seek(state["position"])
+        log.warning("resumed from %s (step %d)", last, step)
+    main = accelerator.is_main_process
+    if main:
+        (run_dir / "config.yaml").write_text(config.dump(cfg))
+    metrics_file = (run_dir / "metrics.jsonl").open("a") if main else None
+    if tc.report_to:
+        accelerator.init_trackers("slimtune", config=cfg.to_dict())
+
+    def write(row: dict[str, Any]) -> None:
+        if main:
+            metrics_file.write(json.dumps(row) + "\n")
+            metrics_file.flush()
+            if tc.report_to:
+                accelerator.log(
+                    {k: v for k, v in row.items() if isinstance(v, (int, float))},
+                    step=row.get("step"),
+                )
+
+    def run_eval(tag: str) -> dict[str, Any]:
+        if not splits.eval or not main:
+            return {}
+        t = time.perf_counter()
+        result = evaluate(plain, tok, head, splits.eval, cfg.eval, tc.loss_chunk_tokens)
+        result["seconds"] = time.perf_counter() - t
+        write({"step": step, "eval": tag, **{k: v for k, v in result.items() if k != "samples"}})
+        return result
+
+    eval_before = run_eval("before") if tc.eval_before and not cfg.resume else {}
+    accelerator.wait_for_everyone()
+
+    # --- the loop ----------------------------------------------------------------------------
+    bar = tqdm(
+        total=steps, initial=step, disable=not (main and tc.progress), desc="train", unit="step"
+    )
+    last_loss = float("nan")
+    while step < steps:
+        method.on_step_start(plain, step, optimizer)
+        t0 = time.perf_counter()
+        micro = [batches.next(tok.pad_token_id) for _ in range(tc.grad_accum)]
+        # Normalise by the target tokens of the whole step on all processes, so that the update
+        # does not depend on how the step is split into micro-batches or processes.
+        local = torch.tensor([sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)])
+        n_targets = int(accelerator.reduce(local.to(accelerator.device), "sum").item())
+        step_tokens = torch.tensor([sum(int(b["attention_mask"].sum()) for b in micro)])
+        step_tokens = int(accelerator.reduce(step_tokens.to(accelerator.device), "sum").item())
+        loss_sum = torch.zeros((), device=accelerator.device)
+        for i, b in enumerate(micro):
+            b = {k: v.to(accelerator.device) for k, v in b.items()}
+            sync = nullcontext() if i == len(micro) - 1 else accelerator.no_sync(model)
+            with sync, accelerator.autocast():
+                ce, _ = causal_lm_loss(model, head, b, tc.loss_chunk_tokens)
+                accelerator.backward(ce * world / max(n_targets, 1))
+            loss_sum += ce.detach().float()
+        loss = float(accelerator.reduce(loss_sum, "sum")) / max(n_targets, 1)
+        grad_norm = None
+        if tc.max_grad_norm > 0:
+            params = [p for p in model.parameters() if p.requires_grad]
+            grad_norm = float(accelerator.clip_grad_norm_(params, tc.max_grad_norm))
+        if not math.isfinite(loss) or (grad_norm is not None and not math.isfinite(grad_norm)):
+            # Stop before the optimizer step: the weights and the last checkpoint stay good.
+            optimizer.zero_grad(set_to_none=True)
+            bar.close()
+            if metrics_file:
+                metrics_file.close()
+            good = checkpoint.list_checkpoints(ckpt_root)
+            where = f"last good checkpoint: {good[-1]}" if good else "no checkpoint was written"
+            raise TrainingDiverged(
+                f"training stopped at step {step + 1}: loss is {loss}, grad norm {grad_norm}; {where}"
+            )
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        dt = time.perf_counter() - t0
+        train_seconds += dt
+        tokens_seen += step_tokens
+        last_loss = loss
+        row = {
+            "step": step,
+            "loss": loss,
+            "lr": scheduler.get_last_lr()[0],
+            "grad_norm": grad_norm,
+            "tokens": tokens_seen,
+            "tokens_per_s": step_tokens / dt,
+            "step_s": dt,
+            "peak_mem_mb": peak_bytes(accelerator.device) / 2**20,
+        }
+        if step % tc.log_every == 0 or step == steps:
+            write(row)
+        bar.set_postfix(
+            loss=f"{loss:.4f}",
+            tok_s=f"{row['tokens_per_s']:.0f}",
+            peak=fmt_bytes(peak_bytes(accelerator.device)),
+        )
+        bar.update(1)
+        if tc.eval_every and step % tc.eval_every == 0 and step < steps:
+            run_eval(f"step-{step}")
+        if tc.save_every and step % tc.save_every == 0:
+            if main:
+                checkpoint.save(
+                    ckpt_root,
+                    step,
+                    save_trainable=lambda p: method.save_trainable(plain, p),
+                    optimizer=optimizer,
+                    scheduler=scheduler,
+                    state={
+                        "step": step,
+                        "position": batches.position,
+                        "tokens": tokens_seen,
+                        "train_seconds": train_seconds,
+                    },
+                    keep=tc.keep_checkpoints,
+                )
+            accelerator.wait_for_everyone()
+        if on_step_end is not None:
+            on_step_end(step, row)
+    bar.close()
+
+    # --- results -----------------------------------------------------------------------------
+    eval_after = run_eval("after")
+    summary = {
+        "params": cfg.params.name,
+        "optimizer": cfg.optimizer.name,
+        "model": cfg.model.name,
+        "steps": step,
+        "processes": world,
+        "train_loss": last_loss,
+        "trainable_params": n_trainable,
+        "total_params": n_total,
+        "trainable_fraction": n_trainable / n_total,
+        "tokens": tokens_seen,
+        "train_seconds": train_seconds,
+        "tokens_per_s": tokens_seen / train_seconds if train_seconds else 0.0,
+        "peak_memory_bytes": peak_bytes(accelerator.device),
+        "device": str(accelerator.device),
+        "eval_before": eval_before,
+        "eval_after": eval_after,
+        "wall_seconds": time.perf_counter() - t_start,
+    }
+    if main:
+        final = checkpoint.atomic_dir(run_dir / "final")
+        try:
+            method.save(plain, tok, final)
+            # Move the artefacts into the run directory one file at a time (each rename atomic).
+            for item in final.iterdir():
+                target = run_dir / item.name
+                if target.is_dir():
+                    shutil.rmtree(target)
+                item.replace(target)
+        finally:
+            shutil.rmtree(final, ignore_errors=True)
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        metrics_file.close()
+        shutil.rmtree(work_dir, ignore_errors=True)
+    if tc.report_to:
+        accelerator.end_training()
+    accelerator.wait_for_everyone()
+    return RunResult(run_dir, summary, plain, tok, method)

@@ -1,0 +1,1 @@
+"""Every module below registers its methods on import (see slimtune.registry.load_all)."""

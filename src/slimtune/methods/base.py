@@ -1,0 +1,132 @@
+"""The method contract: the hooks through which a method reaches the training loop.
+
+A params method decides which parameters train and in what form (adapters, masks, ...), and
+how the result is saved, loaded and merged. An optimizer method turns parameter groups into a
+``torch.optim.Optimizer``. The loop calls only these hooks and knows no method by name.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
+
+
+@dataclass
+class PrepareContext:
+    """What a method may use while preparing the model."""
+
+    tokenizer: PreTrainedTokenizerBase
+    work_dir: Path  # scratch space inside the run directory
+    seed: int = 0
+    # Yields training batches (dicts of tensors) for methods that calibrate on data.
+    calibration: Callable[[], Iterator[dict[str, torch.Tensor]]] | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+def summary_of(cls: type) -> str:
+    return (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+
+
+class ParamsMethod:
+    """Base class of the params axis. Defaults describe full fine-tuning of plain HF weights."""
+
+    name: ClassVar[str]
+
+    @dataclass
+    class Config:
+        pass
+
+    def __init__(self, cfg: Any):
+        self.cfg = cfg
+
+    def prepare(self, model: nn.Module, ctx: PrepareContext) -> nn.Module:
+        """Inject adapters / freeze / re-parameterise. Returns the model to train."""
+        return model
+
+    def param_groups(self, model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+        """Trainable parameters for the optimizer; biases and norm weights get no decay."""
+        decay, no_decay = [], []
+        for name, p in model.named_parameters():
+            if not p.requires_grad:
+                continue
+            (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+        groups = [{"params": decay, "weight_decay": weight_decay}]
+        if no_decay:
+            groups.append({"params": no_decay, "weight_decay": 0.0})
+        return groups
+
+    def on_step_start(self, model: nn.Module, step: int, optimizer: torch.optim.Optimizer) -> None:
+        """Called before each optimizer step (layer re-sampling and the like)."""
+
+    def trainable_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """What a checkpoint stores and a federated runner exchanges: the trainable tensors."""
+        return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+    def load_trainable_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        params = dict(model.named_parameters())
+        missing = [n for n, p in params.items() if p.requires_grad and n not in state]
+        if missing:
+            raise ValueError(f"checkpoint lacks trainable tensors, e.g. {missing[:3]}")
+        with torch.no_grad():
+            for n, t in state.items():
+                params[n].copy_(t)
+
+    def save_trainable(self, model: nn.Module, path: Path) -> None:
+        state = {n: t.contiguous().cpu() for n, t in self.trainable_state(model).items()}
+        save_file(_untie(state), str(path))
+
+    def load_trainable(self, model: nn.Module, path: Path) -> None:
+        self.load_trainable_state(model, load_file(str(path)))
+
+    def save(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, out_dir: Path) -> None:
+        """Final artefact: a plain Hugging Face checkpoint (safetensors)."""
+        model.save_pretrained(out_dir)
+        tokenizer.save_pretrained(out_dir)
+
+    @classmethod
+    def load(cls, base: nn.Module, run_dir: Path) -> nn.Module:
+        """Rebuild the trained model from ``save``'s artefacts (``base`` unused for full weights)."""
+        return AutoModelForCausalLM.from_pretrained(run_dir, dtype=next(base.parameters()).dtype)
+
+    def merge(self, model: nn.Module) -> nn.Module:
+        """Fold the update into plain weights; plain weights are already merged."""
+        return model
+
+
+def _untie(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses tensors that share memory (tied embeddings): store copies."""
+    seen: set[int] = set()
+    out = {}
+    for n, t in state.items():
+        ptr = t.data_ptr()
+        out[n] = t.clone() if ptr in seen else t
+        seen.add(ptr)
+    return out
+
+
+class OptimizerMethod(ABC):
+    """Base class of the optimizer axis."""
+
+    name: ClassVar[str]
+
+    @dataclass
+    class Config:
+        lr: float = 1e-4
+        """Peak learning rate."""
+        weight_decay: float = 0.0
+        """Decoupled weight decay."""
+
+    def __init__(self, cfg: Any):
+        self.cfg = cfg
+
+    @abstractmethod
+    def build(self, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+        """The optimizer over ``groups`` (from the params method's ``param_groups``)."""

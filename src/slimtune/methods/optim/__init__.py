@@ -1,0 +1,1 @@
+"""The optimizer axis: how an update is computed from the loss."""

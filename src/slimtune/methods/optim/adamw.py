@@ -1,0 +1,43 @@
+"""Plain first-order optimizers from torch.optim."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ...registry import register
+from ..base import OptimizerMethod
+
+
+@register("optimizer", "adamw")
+class AdamW(OptimizerMethod):
+    """AdamW (Loshchilov & Hutter, https://arxiv.org/abs/1711.05101): two fp32 moments per parameter."""
+
+    @dataclass
+    class Config(OptimizerMethod.Config):
+        betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+        """Moment decay rates (beta1, beta2)."""
+        eps: float = 1e-8
+        """Denominator epsilon."""
+
+    def build(self, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+        c = self.cfg
+        return torch.optim.AdamW(
+            groups, lr=c.lr, betas=tuple(c.betas), eps=c.eps, weight_decay=c.weight_decay
+        )
+
+
+@register("optimizer", "sgd")
+class SGD(OptimizerMethod):
+    """SGD with optional momentum: no state without momentum, one buffer with it."""
+
+    @dataclass
+    class Config(OptimizerMethod.Config):
+        momentum: float = 0.0
+        """Momentum factor (0: plain SGD, no optimizer state)."""
+
+    def build(self, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+        c = self.cfg
+        return torch.optim.SGD(groups, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)

@@ -1,0 +1,1 @@
+"""The params axis: which parameters train, and in what form."""

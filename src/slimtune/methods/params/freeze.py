@@ -1,0 +1,64 @@
+"""Train chosen decoder blocks and/or named parameters; freeze the rest."""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from ...errors import SlimtuneError
+from ...registry import register
+from ..base import ParamsMethod, PrepareContext
+
+
+def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The ModuleList of transformer blocks (its qualified name and the list itself)."""
+    n_layers = model.config.num_hidden_layers
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n_layers:
+            return name, module
+    raise SlimtuneError(
+        f"params: cannot find the {n_layers} decoder blocks of {type(model).__name__}"
+    )
+
+
+@register("params", "freeze")
+class Freeze(ParamsMethod):
+    """Freeze everything except chosen decoder blocks, parameter patterns, embeddings or head."""
+
+    @dataclass
+    class Config:
+        layers: list[int] = field(default_factory=lambda: [-1])
+        """Decoder blocks that train; negative indices count from the last block."""
+        patterns: list[str] = field(default_factory=list)
+        """Extra trainable parameters, as glob patterns on parameter names (e.g. '*norm*')."""
+        embeddings: bool = False
+        """Train the input embeddings (and a head tied to them)."""
+        head: bool = False
+        """Train the output head."""
+
+    def prepare(self, model: nn.Module, ctx: PrepareContext) -> nn.Module:
+        c = self.cfg
+        model.requires_grad_(False)
+        prefix, blocks = decoder_layers(model)
+        for i in c.layers:
+            if not -len(blocks) <= i < len(blocks):
+                raise SlimtuneError(
+                    f"config: params.layers: {i} is out of range for {len(blocks)} blocks"
+                )
+            blocks[i].requires_grad_(True)
+        if c.embeddings:
+            model.get_input_embeddings().requires_grad_(True)
+        if c.head:
+            model.get_output_embeddings().requires_grad_(True)
+        matched = set()
+        for name, p in model.named_parameters():
+            for pat in c.patterns:
+                if fnmatch.fnmatch(name, pat):
+                    p.requires_grad_(True)
+                    matched.add(pat)
+        unmatched = [pat for pat in c.patterns if pat not in matched]
+        if unmatched:
+            raise SlimtuneError(f"config: params.patterns: {unmatched[0]!r} matches no parameter")
+        return model

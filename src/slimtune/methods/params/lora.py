@@ -1,0 +1,151 @@
+"""LoRA and its PEFT variants (DoRA, rsLoRA, PiSSA, OLoRA, CorDA, LoftQ), all through ``peft``."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from peft import LoftQConfig, LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora.config import CordaConfig
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from ...errors import SlimtuneError
+from ...registry import register
+from ..base import ParamsMethod, PrepareContext
+
+# Inits that move the principal part of W into the adapter: the saved adapter is converted back
+# to an ordinary LoRA delta on the *original* weights, so PeftModel.from_pretrained(base) works.
+CONVERTED_INITS = ("pissa", "olora", "corda")
+
+
+@register("params", "lora")
+class Lora(ParamsMethod):
+    """LoRA (Hu et al., https://arxiv.org/abs/2106.09685): W + (alpha/r) B A with A, B trained, W frozen.
+
+    Options map one to one to peft's LoraConfig: ``dora`` (Liu et al. 2024, magnitude/direction),
+    ``rslora`` (scale alpha/sqrt(r)), ``init`` = pissa (principal singular vectors, Meng et al.
+    2024), olora (QR-orthonormal init), corda (context-oriented SVD from calibration batches of the
+    run's own data), loftq (init against a 4-bit quantised W). Saved in PEFT format.
+    """
+
+    @dataclass
+    class Config:
+        r: int = 8
+        """Rank of the update."""
+        alpha: float = 16.0
+        """Scale numerator: the update is multiplied by alpha / r (alpha / sqrt(r) with rslora)."""
+        dropout: float = 0.0
+        """Dropout on the adapter input."""
+        target_modules: list[str] = field(default_factory=list)
+        """Module names to adapt (e.g. [q_proj, v_proj]); [all-linear] for every linear but the head; empty: peft's default for the architecture."""
+        init: Literal["default", "gaussian", "pissa", "olora", "corda", "loftq"] = "default"
+        """Adapter initialisation."""
+        dora: bool = False
+        """Weight-decomposed LoRA (DoRA)."""
+        rslora: bool = False
+        """Rank-stabilised scaling alpha / sqrt(r)."""
+        bias: Literal["none", "all", "lora_only"] = "none"
+        """Which biases train."""
+        modules_to_save: list[str] = field(default_factory=list)
+        """Modules trained in full and saved with the adapter (e.g. [lm_head])."""
+        pissa_niter: int = 16
+        """PiSSA: fast randomised SVD iterations; 0 computes the exact SVD."""
+        loftq_bits: int = 4
+        """LoftQ: bits of the quantised base the adapter compensates."""
+        corda_mode: Literal["ipm", "kpm"] = "ipm"
+        """CorDA: instruction-previewed (ipm) or knowledge-preserving (kpm) mode."""
+        calibration_batches: int = 8
+        """CorDA: training batches used to estimate activation covariances."""
+
+        def __post_init__(self) -> None:
+            if self.r < 1:
+                raise ValueError(f"r must be >= 1, got {self.r}")
+            if not 0 <= self.dropout < 1:
+                raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    def _peft_config(self) -> LoraConfig:
+        c = self.cfg
+        init: bool | str = {"default": True, "gaussian": "gaussian"}.get(c.init, c.init)
+        if c.init == "pissa" and c.pissa_niter > 0:
+            init = f"pissa_niter_{c.pissa_niter}"
+        targets: list[str] | str | None = c.target_modules or None
+        if targets == ["all-linear"]:
+            targets = "all-linear"
+        return LoraConfig(
+            task_type="CAUSAL_LM",
+            r=c.r,
+            lora_alpha=c.alpha,
+            lora_dropout=c.dropout,
+            target_modules=targets,
+            init_lora_weights=init,
+            use_dora=c.dora,
+            use_rslora=c.rslora,
+            bias=c.bias,
+            modules_to_save=c.modules_to_save or None,
+            loftq_config=LoftQConfig(loftq_bits=c.loftq_bits) if c.init == "loftq" else {},
+            corda_config=CordaConfig(corda_method=c.corda_mode) if c.init == "corda" else None,
+        )
+
+    def prepare(self, model: nn.Module, ctx: PrepareContext) -> nn.Module:
+        config = self._peft_config()
+        if self.cfg.init == "corda":
+            self._corda(model, config, ctx)
+        try:
+            peft_model = get_peft_model(model, config)
+        except ValueError as e:
+            raise SlimtuneError(f"config: params: {str(e).splitlines()[0]}") from None
+        self.initial: Path | None = None
+        if self.cfg.init in CONVERTED_INITS:
+            self.initial = ctx.work_dir / "initial-adapter"
+            peft_model.save_pretrained(self.initial)
+        return peft_model
+
+    def _corda(self, model: nn.Module, config: LoraConfig, ctx: PrepareContext) -> None:
+        from peft.tuners.lora.corda import preprocess_corda
+
+        if ctx.calibration is None:
+            raise SlimtuneError("params.init=corda needs calibration data")
+
+        @torch.no_grad()
+        def run_model() -> None:
+            for i, batch in enumerate(ctx.calibration()):
+                if i >= self.cfg.calibration_batches:
+                    break
+                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+
+        preprocess_corda(model, config, run_model=run_model)
+
+    def save(self, model: PeftModel, tokenizer: PreTrainedTokenizerBase, out_dir: Path) -> None:
+        if self.initial is not None:
+            # peft rewrites the initial adapter's config in place during conversion: use a copy.
+            initial = out_dir.parent / f".{out_dir.name}-initial"
+            shutil.copytree(self.initial, initial, dirs_exist_ok=True)
+            try:
+                model.save_pretrained(
+                    out_dir, path_initial_model_for_weight_conversion=str(initial)
+                )
+            finally:
+                shutil.rmtree(initial, ignore_errors=True)
+        else:
+            model.save_pretrained(out_dir)
+        if self.cfg.init == "loftq":
+            # LoftQ replaced W by its quantised version: the adapter only fits that base.
+            model.get_base_model().save_pretrained(out_dir / "base")
+        tokenizer.save_pretrained(out_dir)
+
+    @classmethod
+    def load(cls, base: nn.Module, run_dir: Path) -> nn.Module:
+        if (run_dir / "base").is_dir():
+            from transformers import AutoModelForCausalLM
+
+            base = AutoModelForCausalLM.from_pretrained(
+                run_dir / "base", dtype=next(base.parameters()).dtype
+            )
+        return PeftModel.from_pretrained(base, run_dir)
+
+    def merge(self, model: nn.Module) -> nn.Module:
+        return model.merge_and_unload()

