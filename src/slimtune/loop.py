@@ -97,10 +97,14 @@ class Batches:
 def train(
     cfg: RunConfig,
     *,
-    on_step_end: Callable[[int, dict[str, Any]], None] | None = None,
+    on_step: Callable[[int, torch.nn.Module, dict[str, Any] | None], None] | None = None,
     splits: Splits | None = None,
 ) -> RunResult:
-    """Run a recipe. Bad input raises SlimtuneError before anything is written."""
+    """Run a recipe. Bad input raises SlimtuneError before anything is written.
+
+    ``on_step(step, model, row)`` is called once before the first update (``row`` None) and after
+    every optimizer step (and any checkpoint of that step): for progress displays and tests.
+    """
     t_start = time.perf_counter()
     run_dir = _check_output_dir(cfg)
     tc = cfg.train
@@ -150,7 +154,9 @@ def train(
         raise
     model.config.use_cache = False
     if tc.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False}
+        )
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in model.parameters())
     if n_trainable == 0:
@@ -212,6 +218,8 @@ def train(
     accelerator.wait_for_everyone()
 
     # --- the loop ----------------------------------------------------------------------------
+    if on_step is not None:
+        on_step(step, plain, None)
     bar = tqdm(
         total=steps, initial=step, disable=not (main and tc.progress), desc="train", unit="step"
     )
@@ -295,8 +303,8 @@ def train(
                     keep=tc.keep_checkpoints,
                 )
             accelerator.wait_for_everyone()
-        if on_step_end is not None:
-            on_step_end(step, row)
+        if on_step is not None:
+            on_step(step, plain, row)
     bar.close()
 
     # --- results -----------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -10,6 +11,7 @@ from typing import Literal
 import torch
 from peft import LoftQConfig, LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora.config import CordaConfig
+from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
@@ -58,8 +60,8 @@ class Lora(ParamsMethod):
         """LoftQ: bits of the quantised base the adapter compensates."""
         corda_mode: Literal["ipm", "kpm"] = "ipm"
         """CorDA: instruction-previewed (ipm) or knowledge-preserving (kpm) mode."""
-        calibration_batches: int = 8
-        """CorDA: training batches used to estimate activation covariances."""
+        calibration_examples: int = 64
+        """CorDA: training examples used to estimate activation covariances."""
 
         def __post_init__(self) -> None:
             if self.r < 1:
@@ -67,7 +69,7 @@ class Lora(ParamsMethod):
             if not 0 <= self.dropout < 1:
                 raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
-    def _peft_config(self) -> LoraConfig:
+    def _peft_config(self, model: nn.Module) -> LoraConfig:
         c = self.cfg
         init: bool | str = {"default": True, "gaussian": "gaussian"}.get(c.init, c.init)
         if c.init == "pissa" and c.pissa_niter > 0:
@@ -75,6 +77,15 @@ class Lora(ParamsMethod):
         targets: list[str] | str | None = c.target_modules or None
         if targets == ["all-linear"]:
             targets = "all-linear"
+        elif targets is None:  # peft's per-architecture default, made explicit (CorDA needs it)
+            targets = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(
+                model.config.model_type
+            )
+            if targets is None:
+                raise SlimtuneError(
+                    f"config: params.target_modules: peft has no default for "
+                    f"{model.config.model_type!r}; name the modules (or [all-linear])"
+                )
         return LoraConfig(
             task_type="CAUSAL_LM",
             r=c.r,
@@ -91,7 +102,12 @@ class Lora(ParamsMethod):
         )
 
     def prepare(self, model: nn.Module, ctx: PrepareContext) -> nn.Module:
-        config = self._peft_config()
+        if self.cfg.init == "loftq" and not torch.cuda.is_available():
+            # peft's LoftQ quantiser moves every weight to a CUDA (or XPU) device.
+            raise SlimtuneError(
+                "config: params.init: loftq needs a CUDA device (peft computes it there)"
+            )
+        config = self._peft_config(model)
         if self.cfg.init == "corda":
             self._corda(model, config, ctx)
         try:
@@ -112,24 +128,30 @@ class Lora(ParamsMethod):
 
         @torch.no_grad()
         def run_model() -> None:
-            for i, batch in enumerate(ctx.calibration()):
-                if i >= self.cfg.calibration_batches:
-                    break
-                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            # peft's covariance hooks expect one unpadded sequence per forward.
+            seen = 0
+            for batch in ctx.calibration():
+                for ids, mask in zip(batch["input_ids"], batch["attention_mask"]):
+                    if seen >= self.cfg.calibration_examples:
+                        return
+                    model(input_ids=ids[mask.bool()][None].to(model.device))
+                    seen += 1
 
         preprocess_corda(model, config, run_model=run_model)
 
     def save(self, model: PeftModel, tokenizer: PreTrainedTokenizerBase, out_dir: Path) -> None:
         if self.initial is not None:
-            # peft rewrites the initial adapter's config in place during conversion: use a copy.
-            initial = out_dir.parent / f".{out_dir.name}-initial"
-            shutil.copytree(self.initial, initial, dirs_exist_ok=True)
+            # peft rewrites the initial adapter's config in place during conversion, and loads it
+            # under its directory's name as adapter name: use a copy with a plain name.
+            scratch = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=".convert-"))
+            initial = scratch / "initial_adapter"
+            shutil.copytree(self.initial, initial)
             try:
                 model.save_pretrained(
                     out_dir, path_initial_model_for_weight_conversion=str(initial)
                 )
             finally:
-                shutil.rmtree(initial, ignore_errors=True)
+                shutil.rmtree(scratch, ignore_errors=True)
         else:
             model.save_pretrained(out_dir)
         if self.cfg.init == "loftq":

@@ -1,0 +1,69 @@
+"""Shared fixtures: small data files and recipes for the tiny random Llama."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REVIEWS = [
+    ("a wonderful, moving film with a great cast", 1),
+    ("dull, slow and far too long", 0),
+    ("i loved every minute of it", 1),
+    ("the worst script i have seen in years", 0),
+    ("charming and funny from start to finish", 1),
+    ("a tedious mess that goes nowhere", 0),
+    ("brilliant acting and a clever story", 1),
+    ("boring characters and a silly plot", 0),
+    ("an absolute delight for the whole family", 1),
+    ("i wanted to leave after ten minutes", 0),
+    ("beautifully shot and deeply felt", 1),
+    ("flat jokes and wooden acting", 0),
+    ("a joy to watch", 1),
+    ("painfully predictable", 0),
+    ("smart, warm and surprising", 1),
+    ("a waste of a good cast", 0),
+]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def cls_data(tmp_path: Path) -> Path:
+    return write_jsonl(tmp_path / "reviews.jsonl", [{"text": t, "label": y} for t, y in REVIEWS])
+
+
+@pytest.fixture
+def text_data(tmp_path: Path) -> Path:
+    rows = [{"text": f"{t}. " * (1 + i % 4)} for i, (t, _) in enumerate(REVIEWS)]
+    return write_jsonl(tmp_path / "text.jsonl", rows)
+
+
+def tiny_recipe(data_path: Path, out: Path, **sections) -> dict:
+    """A recipe for the tiny random Llama; keyword sections are merged over the defaults."""
+    recipe = {
+        "model": {"name": "tiny-llama"},
+        "data": {
+            "path": str(data_path),
+            "format": "classification",
+            "label_words": ["negative", "positive"],
+            "eval_size": 4,
+        },
+        "params": {"name": "full"},
+        "optimizer": {"name": "adamw", "lr": 1e-2},
+        "train": {"steps": 4, "batch_size": 4, "progress": False, "eval_before": False},
+        "output_dir": str(out),
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(recipe.get(key), dict):
+            recipe[key] = {**recipe[key], **value}
+        else:
+            recipe[key] = value
+    return recipe

@@ -1,0 +1,106 @@
+"""The contract every params method keeps, run for each registered method (and LoRA variant)
+on the tiny random Llama: trainable parameters change and frozen ones do not; save -> load
+gives identical logits; merge gives the same outputs as the unmerged model."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from slimtune import config, registry
+from slimtune.loop import train
+from slimtune.models import load_model
+
+from .conftest import tiny_recipe
+
+# Extra settings for a method beyond its defaults, and the LoRA variants peft offers.
+VARIANTS = {name: {} for name in registry.names("params")}
+VARIANTS.update(
+    {
+        "lora": {"target_modules": ["all-linear"]},
+        "lora-dora": {"target_modules": ["q_proj", "v_proj"], "dora": True},
+        "lora-rslora": {"rslora": True, "dropout": 0.1},
+        "lora-pissa": {"init": "pissa", "pissa_niter": 0},
+        "lora-olora": {"init": "olora"},
+        "lora-corda": {"init": "corda", "calibration_examples": 8},
+        "lora-loftq": {"init": "loftq", "target_modules": ["q_proj", "v_proj"]},
+        "lora-head": {"modules_to_save": ["lm_head"]},
+        "freeze": {"layers": [0], "patterns": ["*.norm.weight"]},
+    }
+)
+
+
+def run(tmp_path, cls_data, variant):
+    name = variant.split("-")[0]
+    recipe = tiny_recipe(cls_data, tmp_path / "run", params={"name": name, **VARIANTS[variant]})
+    snapshots = {}
+
+    def on_step(step, model, row):
+        if step == 0:
+            snapshots.update({n: p.detach().clone() for n, p in model.named_parameters()})
+            snapshots["_trainable"] = {n for n, p in model.named_parameters() if p.requires_grad}
+
+    result = train(config.from_dict(recipe), on_step=on_step)
+    return result, snapshots
+
+
+def logits(model, ids):
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+IDS = torch.tensor([[1, 40, 50, 60, 70, 80, 90, 100]])
+
+
+NEEDS_CUDA = {"lora-loftq"}  # peft's LoftQ quantiser runs on CUDA/XPU only
+CASES = [
+    pytest.param(
+        v,
+        marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA")],
+    )
+    if v in NEEDS_CUDA
+    else v
+    for v in sorted(VARIANTS)
+]
+
+
+@pytest.mark.parametrize("variant", CASES)
+def test_contract(tmp_path, cls_data, variant):
+    result, before = run(tmp_path, cls_data, variant)
+    trainable = before.pop("_trainable")
+    assert trainable, "no trainable parameter"
+    after = dict(result.model.named_parameters())
+    for name, old in before.items():
+        if name in trainable:
+            assert not torch.equal(after[name], old), f"trainable {name} did not change"
+        else:
+            assert torch.equal(after[name], old), f"frozen {name} changed"
+
+    want = logits(result.model, IDS)
+    # save -> load: from the run directory onto a freshly loaded base model
+    base, _ = load_model("tiny-llama")
+    loaded = result.method.load(base, result.run_dir)
+    torch.testing.assert_close(logits(loaded, IDS), want, atol=1e-5, rtol=0)
+
+    # merge == unmerged
+    merged = result.method.merge(copy.deepcopy(result.model))
+    torch.testing.assert_close(logits(merged, IDS), want, atol=1e-5, rtol=0)
+    assert not any("lora_" in n for n, _ in merged.named_parameters())
+
+
+def test_every_method_has_a_summary_and_documented_fields():
+    from slimtune.config import field_docs
+    from slimtune.methods.base import summary_of
+
+    for axis in registry.AXES:
+        for name in registry.names(axis):
+            cls = registry.get(axis, name)
+            assert summary_of(cls), f"{axis}/{name} has no docstring summary"
+            docs = field_docs(cls.Config)
+            import dataclasses
+
+            for f in dataclasses.fields(cls.Config):
+                assert docs.get(f.name), f"{axis}/{name}.{f.name} has no docstring"

@@ -1,0 +1,171 @@
+"""Invariants of the loop: accumulation, exact resume, NaN stop, run directory contents."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from slimtune import checkpoint, config
+from slimtune.errors import SlimtuneError, TrainingDiverged
+from slimtune.loop import train
+
+from .conftest import tiny_recipe
+
+
+def trained(result):
+    return {n: p.detach().clone() for n, p in result.model.named_parameters() if p.requires_grad}
+
+
+def test_batch8_equals_batch4_times_accum2(tmp_path, text_data):
+    # Sequences of different lengths, so the token normalisation of the step matters.
+    common = {"data": {"format": "text", "eval_size": 0}, "params": {"name": "full"}}
+    a = train(
+        config.from_dict(
+            tiny_recipe(
+                text_data,
+                tmp_path / "a",
+                train={"steps": 3, "batch_size": 8, "progress": False},
+                **common,
+            )
+        )
+    )
+    b = train(
+        config.from_dict(
+            tiny_recipe(
+                text_data,
+                tmp_path / "b",
+                train={"steps": 3, "batch_size": 4, "grad_accum": 2, "progress": False},
+                **common,
+            )
+        )
+    )
+    # Tolerance: fp32 sums in a different order; 1e-5 relative on loss, 1e-5 absolute on weights.
+    assert a.summary["train_loss"] == pytest.approx(b.summary["train_loss"], rel=1e-5)
+    for name, w in trained(a).items():
+        torch.testing.assert_close(trained(b)[name], w, atol=1e-5, rtol=1e-5, msg=name)
+
+
+class Kill(Exception):
+    pass
+
+
+def test_resume_is_bitwise_exact(tmp_path, cls_data):
+    # LoRA with dropout, so the RNG state must be restored too; cosine schedule with warm-up.
+    params = {"name": "lora", "dropout": 0.2, "r": 4}
+    steps = {"steps": 6, "batch_size": 3, "warmup_steps": 2, "progress": False}
+    straight = train(
+        config.from_dict(tiny_recipe(cls_data, tmp_path / "a", params=params, train=steps))
+    )
+
+    resumable = tiny_recipe(
+        cls_data, tmp_path / "b", params=params, train={**steps, "save_every": 3}
+    )
+
+    def kill(step, model, row):
+        if step == 3:
+            raise Kill
+
+    with pytest.raises(Kill):
+        train(config.from_dict(resumable), on_step=kill)
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path / "b" / "checkpoints")] == [
+        "step-0000003"
+    ]
+    resumed = train(config.from_dict({**resumable, "resume": True}))
+
+    assert resumed.summary["train_loss"] == straight.summary["train_loss"]
+    for name, w in trained(straight).items():
+        assert torch.equal(trained(resumed)[name], w), name
+    losses = [
+        json.loads(x)["loss"]
+        for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+        if '"eval"' not in x
+    ]
+    losses_a = [
+        json.loads(x)["loss"]
+        for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
+        if '"eval"' not in x
+    ]
+    assert losses == losses_a
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, cls_data):
+    recipe = tiny_recipe(
+        cls_data,
+        tmp_path / "run",
+        optimizer={"name": "sgd", "lr": 1e30},
+        train={"steps": 5, "save_every": 1, "max_grad_norm": 0, "progress": False},
+    )
+    with pytest.raises(TrainingDiverged, match=r"training stopped at step \d+: loss is (nan|inf)"):
+        train(config.from_dict(recipe))
+    ckpts = checkpoint.list_checkpoints(tmp_path / "run" / "checkpoints")
+    assert ckpts, "no checkpoint survived"
+    from safetensors.torch import load_file
+
+    state = load_file(str(ckpts[-1] / "trainable.safetensors"))
+    # the checkpoint before the divergence is complete and readable
+    assert checkpoint.read_state(ckpts[-1])["step"] == len(
+        list((tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+    )
+    assert state
+
+
+def test_run_directory_contents(tmp_path, cls_data):
+    recipe = tiny_recipe(
+        cls_data,
+        tmp_path / "run",
+        train={"steps": 2, "progress": False, "eval_before": True},
+        eval={"generate": 1, "max_new_tokens": 3},
+    )
+    result = train(config.from_dict(recipe))
+    d = result.run_dir
+    for name in (
+        "config.yaml",
+        "metrics.jsonl",
+        "summary.json",
+        "model.safetensors",
+        "config.json",
+        "tokenizer.json",
+    ):
+        assert (d / name).is_file(), name
+    s = json.loads((d / "summary.json").read_text())
+    assert s["peak_memory_bytes"] > 0 and s["tokens_per_s"] > 0
+    assert {"accuracy", "loss", "perplexity"} <= set(s["eval_after"]) and s["eval_before"]
+    assert len(s["eval_after"]["samples"]) == 1
+    assert config.load(d / "config.yaml").to_dict() == result_config(recipe)
+    assert not list(d.glob(".tmp-*")) and not (d / ".work").exists()
+
+
+def result_config(recipe):
+    return config.from_dict(recipe).to_dict()
+
+
+def test_non_empty_output_dir_is_refused(tmp_path, cls_data):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(SlimtuneError, match="is not empty"):
+        train(config.from_dict(tiny_recipe(cls_data, out)))
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_gradient_checkpointing_gives_same_step(tmp_path, cls_data):
+    a = train(config.from_dict(tiny_recipe(cls_data, tmp_path / "a")))
+    b = train(
+        config.from_dict(
+            tiny_recipe(
+                cls_data,
+                tmp_path / "b",
+                train={
+                    "steps": 4,
+                    "batch_size": 4,
+                    "progress": False,
+                    "eval_before": False,
+                    "gradient_checkpointing": True,
+                },
+            )
+        )
+    )
+    for name, w in trained(a).items():
+        torch.testing.assert_close(trained(b)[name], w, atol=1e-5, rtol=1e-5)

@@ -1,0 +1,64 @@
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from slimtune.data import IGNORE
+from slimtune.loss import Head, causal_lm_loss, find_head
+from slimtune.models import tiny_llama
+
+
+def reference(model, batch):
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = batch["labels"][:, 1:]
+    return F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+        labels.reshape(-1),
+        ignore_index=IGNORE,
+        reduction="sum",
+    )
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 512])
+def test_chunked_loss_and_grads_equal_full_logits(chunk):
+    torch.manual_seed(0)
+    model = tiny_llama()
+    ids = torch.randint(3, 250, (3, 11))
+    labels = ids.clone()
+    labels[0, :4] = IGNORE
+    mask = torch.ones_like(ids)
+    mask[2, 8:] = 0
+    labels[2, 8:] = IGNORE
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+    want = reference(model, batch)
+    want.backward()
+    want_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+
+    head = find_head(model)
+    assert head.module is model.lm_head
+    got, n = causal_lm_loss(model, head, batch, chunk)
+    got.backward()
+    assert n == int((labels[:, 1:] != IGNORE).sum())
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, want_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_fallback_head_gives_same_loss():
+    model = tiny_llama()
+    ids = torch.randint(3, 250, (2, 9))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    a, _ = causal_lm_loss(model, find_head(model), batch, 4)
+    b, _ = causal_lm_loss(model, Head(None), batch, 4)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_softcap_mismatch_is_detected_and_falls_back():
+    model = tiny_llama()
+    model.config.final_logit_softcapping = (
+        0.5  # config says capped, the model's forward does not cap
+    )
+    assert find_head(model).module is None

@@ -1,0 +1,32 @@
+"""A slimtune LoRA run directory is a PEFT adapter: peft loads it with identical logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import PeftModel
+
+from slimtune import config
+from slimtune.loop import train
+from slimtune.models import load_model
+
+from .conftest import tiny_recipe
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [{}, {"dora": True}, {"init": "pissa", "pissa_niter": 0}, {"rslora": True, "r": 4}],
+    ids=["lora", "dora", "pissa", "rslora"],
+)
+def test_peft_from_pretrained_reproduces_logits(tmp_path, cls_data, extra):
+    recipe = tiny_recipe(cls_data, tmp_path / "run", params={"name": "lora", **extra})
+    result = train(config.from_dict(recipe))
+    ids = torch.tensor([[1, 30, 31, 32, 33, 34]])
+    result.model.eval()
+    with torch.no_grad():
+        ours = result.model(input_ids=ids).logits
+        base, _ = load_model("tiny-llama")
+        theirs = PeftModel.from_pretrained(base, result.run_dir).eval()(input_ids=ids).logits
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=0)
+    assert (result.run_dir / "adapter_config.json").is_file()
+    assert (result.run_dir / "adapter_model.safetensors").is_file()
