@@ -388,37 +388,44 @@ class Splits:
     eval: list[Example]
 
 
-def _examples(
-    records: list[Record], tok: PreTrainedTokenizerBase, cfg: DataConfig
-) -> list[Example]:
-    fmt, tokenise = FORMATS[cfg.format], Tokenise(tok, cfg)
-    examples = [tokenise(fmt(r, cfg)) for r in records]
+def _pairs(records: list[Record], cfg: DataConfig) -> list[Pair]:
+    """Format every record in file order, so an error names the first bad line of the file."""
+    fmt = FORMATS[cfg.format]
+    return [fmt(r, cfg) for r in records]
+
+
+def _examples(pairs: list[Pair], tok: PreTrainedTokenizerBase, cfg: DataConfig) -> list[Example]:
+    tokenise = Tokenise(tok, cfg)
+    examples = [tokenise(p) for p in pairs]
     if cfg.format == "text" or cfg.packing:
         return _blocks(examples, cfg.max_seq_len, cfg.packing)
     return [_truncate(ex, cfg.max_seq_len) for ex in examples]
 
 
+def _read_pairs(path: str, cfg: DataConfig) -> list[Pair]:
+    records = read_records(path, cfg.split)
+    if not records:
+        raise SlimtuneError(f"data: {path!r}: no records (empty dataset)")
+    return _pairs(records, cfg)
+
+
 def load_splits(cfg: DataConfig, tok: PreTrainedTokenizerBase) -> Splits:
-    """Read, shuffle (seeded), split and tokenise. Raises SlimtuneError on any bad input."""
-    records = read_records(cfg.path, cfg.split)
-    if not records:
-        raise SlimtuneError(f"data: {cfg.path!r}: no records (empty dataset)")
-    random.Random(cfg.seed).shuffle(records)
+    """Read, format, shuffle (seeded), split and tokenise. Raises SlimtuneError on bad input."""
+    pairs = _read_pairs(cfg.path, cfg)
+    random.Random(cfg.seed).shuffle(pairs)
     if cfg.eval_path:
-        held = read_records(cfg.eval_path, cfg.split)
-        if not held:
-            raise SlimtuneError(f"data: {cfg.eval_path!r}: no records (empty dataset)")
+        held = _read_pairs(cfg.eval_path, cfg)
     else:
-        n = int(cfg.eval_size * len(records)) if cfg.eval_size < 1 else int(cfg.eval_size)
-        held, records = records[:n], records[n:]
+        n = int(cfg.eval_size * len(pairs)) if cfg.eval_size < 1 else int(cfg.eval_size)
+        held, pairs = pairs[:n], pairs[n:]
     if cfg.limit is not None:
-        records = records[: cfg.limit]
-    if not records:
+        pairs = pairs[: cfg.limit]
+    if not pairs:
         raise SlimtuneError(
             f"data: {cfg.path!r}: the training split is empty after holding out "
             f"data.eval_size={cfg.eval_size}"
         )
-    train = _examples(records, tok, cfg)
+    train = _examples(pairs, tok, cfg)
     if not train:
         raise SlimtuneError(f"data: {cfg.path!r}: no example has a token to learn from")
     return Splits(train, _examples(held, tok, cfg) if held else [])
