@@ -7,6 +7,13 @@
 
 from __future__ import annotations
 
+import logging
+
+# bitsandbytes warns on import, on CPUs with avx512_bf16, that an optional kernel package (which
+# would fetch code from a hub at run time) is absent; its fallback works. Keep that line out of
+# every run's output.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
 from .config import RunConfig
 from .config import load as load_config
 from .errors import SlimtuneError, TrainingDiverged
