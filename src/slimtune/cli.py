@@ -34,7 +34,14 @@ def _fmt(v: Any) -> str:
     return f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
+def _is_main() -> bool:
+    """Under ``accelerate launch`` only the first process prints the report."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def print_report(summary: dict[str, Any]) -> None:
+    if not _is_main():
+        return
     before, after = summary.get("eval_before") or {}, summary.get("eval_after") or {}
     keys = [k for k in ("accuracy", "loss", "perplexity") if k in before or k in after]
     print(
@@ -70,7 +77,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     _quiet()
     result = train(cfg)
     print_report(result.summary)
-    print(f"run directory: {result.run_dir}")
+    if _is_main():
+        print(f"run directory: {result.run_dir}")
     return 0
 
 
@@ -86,7 +94,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     )
     result = train(cfg)
     print_report(result.summary)
-    print(f"run directory: {result.run_dir}")
+    if _is_main():
+        print(f"run directory: {result.run_dir}")
     return 0
 
 

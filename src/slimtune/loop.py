@@ -132,7 +132,7 @@ def train(
 
     method: ParamsMethod = registry.get("params", cfg.params.name)(cfg.params)
     optim_method = registry.get("optimizer", cfg.optimizer.name)(cfg.optimizer)
-    work_dir = run_dir / ".work"
+    work_dir = run_dir / ".work" / f"rank{rank}"  # prepare() scratch, per process
 
     def calibration():
         cal = Batches(splits.train, tc.batch_size, tc.seed + 1, 0, 1)
@@ -141,11 +141,13 @@ def train(
 
     model.to(accelerator.device)
     ctx = PrepareContext(tok, work_dir, tc.seed, calibration)
-    if accelerator.is_main_process:
-        if cfg.overwrite and run_dir.is_dir() and not cfg.resume:
-            shutil.rmtree(run_dir)
-        work_dir.mkdir(parents=True, exist_ok=True)
+    # Every process has run _check_output_dir before the main one writes into run_dir (process
+    # group creation is not a barrier with every backend, e.g. lazily initialised NCCL).
     accelerator.wait_for_everyone()
+    if accelerator.is_main_process and cfg.overwrite and run_dir.is_dir() and not cfg.resume:
+        shutil.rmtree(run_dir)
+    accelerator.wait_for_everyone()
+    work_dir.mkdir(parents=True, exist_ok=True)
     try:
         model = method.prepare(model, ctx)
     except BaseException:
@@ -342,7 +344,7 @@ def train(
             shutil.rmtree(final, ignore_errors=True)
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         metrics_file.close()
-        shutil.rmtree(work_dir, ignore_errors=True)
+        shutil.rmtree(run_dir / ".work", ignore_errors=True)
     if tc.report_to:
         accelerator.end_training()
     accelerator.wait_for_everyone()

@@ -135,9 +135,14 @@ def convert_gguf(gguf: Path) -> Path:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         os.replace(tmp, target)
+    except OSError:
+        if not (target / "config.json").is_file():  # not just another process finishing first
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     except Exception:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

@@ -1,0 +1,63 @@
+"""One process of the multi-process test (tests/test_ddp.py), started by ``accelerate launch``.
+
+Usage: ``ddp_worker.py RECIPE.json OUT_DIR``. Runs ``slimtune.loop.train`` on the recipe and
+writes ``OUT_DIR/rank{N}.pt``: the rank and world size (as torch.distributed and the run summary
+see them), the final trainable weights and the examples this process trained on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from slimtune import config, loop
+
+
+@contextmanager
+def recording_batches():
+    """Record the examples of every micro-batch the loop collates on this process, in order."""
+    seen: list[list[tuple[int, ...]]] = []
+    original = loop.collate
+
+    def collate(examples, pad_id):
+        seen.append([tuple(ex.input_ids) for ex in examples])
+        return original(examples, pad_id)
+
+    loop.collate = collate
+    try:
+        yield seen
+    finally:
+        loop.collate = original
+
+
+def trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def main(recipe_path: str, out_dir: str) -> None:
+    cfg = config.from_dict(json.loads(Path(recipe_path).read_text()))
+    with recording_batches() as seen:
+        result = loop.train(cfg)
+    record = {
+        "dist_initialized": dist.is_available() and dist.is_initialized(),
+        "dist_rank": dist.get_rank() if dist.is_initialized() else -1,
+        "dist_world": dist.get_world_size() if dist.is_initialized() else 1,
+        "backend": dist.get_backend() if dist.is_initialized() else None,
+        "env_rank": int(os.environ.get("RANK", -1)),
+        "env_world": int(os.environ.get("WORLD_SIZE", -1)),
+        "summary": {k: v for k, v in result.summary.items() if not k.startswith("eval")},
+        "batches": seen,
+        "weights": trainable(result.model),
+    }
+    rank = record["dist_rank"] if record["dist_initialized"] else 0
+    torch.save(record, Path(out_dir) / f"rank{rank}.pt")
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])
