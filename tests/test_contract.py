@@ -49,7 +49,7 @@ def run(tmp_path, cls_data, variant):
 def logits(model, ids):
     model.eval()
     with torch.no_grad():
-        return model(input_ids=ids).logits
+        return model(input_ids=ids.to(model.device)).logits
 
 
 IDS = torch.tensor([[1, 40, 50, 60, 70, 80, 90, 100]])
@@ -81,7 +81,7 @@ def test_contract(tmp_path, cls_data, variant):
 
     want = logits(result.model, IDS)
     # save -> load: from the run directory onto a freshly loaded base model
-    base, _ = load_model("tiny-llama")
+    base, _ = load_model("tiny-llama", device=str(result.model.device))
     loaded = result.method.load(base, result.run_dir)
     torch.testing.assert_close(logits(loaded, IDS), want, atol=1e-5, rtol=0)
 

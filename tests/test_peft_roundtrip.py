@@ -21,11 +21,11 @@ from .conftest import tiny_recipe
 def test_peft_from_pretrained_reproduces_logits(tmp_path, cls_data, extra):
     recipe = tiny_recipe(cls_data, tmp_path / "run", params={"name": "lora", **extra})
     result = train(config.from_dict(recipe))
-    ids = torch.tensor([[1, 30, 31, 32, 33, 34]])
+    ids = torch.tensor([[1, 30, 31, 32, 33, 34]], device=result.model.device)
     result.model.eval()
     with torch.no_grad():
         ours = result.model(input_ids=ids).logits
-        base, _ = load_model("tiny-llama")
+        base, _ = load_model("tiny-llama", device=str(result.model.device))
         theirs = PeftModel.from_pretrained(base, result.run_dir).eval()(input_ids=ids).logits
     torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=0)
     assert (result.run_dir / "adapter_config.json").is_file()

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
@@ -111,6 +112,10 @@ def train(
 
     # --- set-up; nothing is written until all of it has succeeded ---------------------------
     device = pick_device(cfg.model.device)
+    # accelerate keeps one process-wide state; a second run in the same process (a notebook, a
+    # benchmark) with other precision or device settings must start from a clean one. The
+    # distributed part (PartialState) is kept.
+    AcceleratorState._reset_state()
     accelerator = Accelerator(
         cpu=device.type == "cpu",
         mixed_precision=tc.mixed_precision,
@@ -171,10 +176,12 @@ def train(
         num_warmup_steps=tc.warmup_steps,
         num_training_steps=steps,
     )
+    # Resolve the head before accelerate wraps forward in autocast: the check compares the
+    # model's own logits with head(final hidden state) in the model's dtype.
+    head: Head = find_head(model)
     model.train()
     model, optimizer = accelerator.prepare(model, optimizer)
     plain = accelerator.unwrap_model(model)
-    head: Head = find_head(plain)
 
     # --- the run directory -------------------------------------------------------------------
     step, tokens_seen, train_seconds = 0, 0, 0.0

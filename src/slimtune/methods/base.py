@@ -94,7 +94,8 @@ class ParamsMethod:
     @classmethod
     def load(cls, base: nn.Module, run_dir: Path) -> nn.Module:
         """Rebuild the trained model from ``save``'s artefacts (``base`` unused for full weights)."""
-        return AutoModelForCausalLM.from_pretrained(run_dir, dtype=next(base.parameters()).dtype)
+        ref = next(base.parameters())
+        return AutoModelForCausalLM.from_pretrained(run_dir, dtype=ref.dtype).to(ref.device)
 
     def merge(self, model: nn.Module) -> nn.Module:
         """Fold the update into plain weights; plain weights are already merged."""

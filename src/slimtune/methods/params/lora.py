@@ -156,7 +156,14 @@ class Lora(ParamsMethod):
             model.save_pretrained(out_dir)
         if self.cfg.init == "loftq":
             # LoftQ replaced W by its quantised version: the adapter only fits that base.
-            model.get_base_model().save_pretrained(out_dir / "base")
+            # Save it under the plain module names (without peft's base_layer / lora_ entries).
+            base = model.get_base_model()
+            state = {
+                k.replace(".base_layer.", "."): v
+                for k, v in base.state_dict().items()
+                if "lora_" not in k
+            }
+            base.save_pretrained(out_dir / "base", state_dict=state)
         tokenizer.save_pretrained(out_dir)
 
     @classmethod
@@ -164,9 +171,9 @@ class Lora(ParamsMethod):
         if (run_dir / "base").is_dir():
             from transformers import AutoModelForCausalLM
 
-            base = AutoModelForCausalLM.from_pretrained(
-                run_dir / "base", dtype=next(base.parameters()).dtype
-            )
+            ref = next(base.parameters())
+            base = AutoModelForCausalLM.from_pretrained(run_dir / "base", dtype=ref.dtype)
+            base = base.to(ref.device)
         return PeftModel.from_pretrained(base, run_dir)
 
     def merge(self, model: nn.Module) -> nn.Module:
