@@ -76,8 +76,10 @@ def find_head(model: nn.Module) -> Head:
     return head
 
 
-def _chunk_ce(head: Head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(head.logits(hidden), targets, reduction="sum")
+def _chunk_ce(head: Head, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy of hidden-state rows (or, without a head module, of logit rows)."""
+    logits = rows.float() if head.module is None else head.logits(rows)
+    return F.cross_entropy(logits, targets, reduction="sum")
 
 
 def causal_lm_loss(
@@ -87,31 +89,25 @@ def causal_lm_loss(
     labels = batch["labels"][:, 1:]
     keep = labels != IGNORE
     n = int(keep.sum())
-    if head.module is None:
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        logits = out.logits[:, :-1][keep]
-        rows = [
-            F.cross_entropy(
-                logits[i : i + chunk].float(), labels[keep][i : i + chunk], reduction="sum"
-            )
-            for i in range(0, n, chunk)
-        ]
-        return (torch.stack(rows).sum() if rows else logits.sum() * 0), n
-    out = model(
-        input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
-        output_hidden_states=True,
-        logits_to_keep=1,
-        use_cache=False,
-    )
-    hidden = out.hidden_states[-1][:, :-1][keep]
     targets = labels[keep]
-    total = hidden.sum() * 0.0  # keeps the graph connected when a batch has no target
+    if head.module is None:  # fallback: the model's own logits, still reduced chunk by chunk
+        rows = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        rows, recompute = rows[:, :-1][keep], False
+    else:
+        out = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            output_hidden_states=True,
+            logits_to_keep=1,
+            use_cache=False,
+        )
+        rows, recompute = out.hidden_states[-1][:, :-1][keep], torch.is_grad_enabled()
+    total = rows.sum() * 0.0  # keeps the graph connected when a batch has no target
     for i in range(0, n, chunk):
-        h, t = hidden[i : i + chunk], targets[i : i + chunk]
-        if torch.is_grad_enabled():
+        r, t = rows[i : i + chunk], targets[i : i + chunk]
+        if recompute:
             # Recompute this chunk's logits in backward instead of storing them.
-            total = total + checkpoint(_chunk_ce, head, h, t, use_reentrant=False)
+            total = total + checkpoint(_chunk_ce, head, r, t, use_reentrant=False)
         else:
-            total = total + _chunk_ce(head, h, t)
+            total = total + _chunk_ce(head, r, t)
     return total, n
