@@ -62,3 +62,32 @@ def test_softcap_mismatch_is_detected_and_falls_back():
         0.5  # config says capped, the model's forward does not cap
     )
     assert find_head(model).module is None
+
+
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_frozen_head_path_equals_full_logits(softcap):
+    """LoRA-style: head frozen, gradients flow to the body only (input-gradient-in-forward path)."""
+    torch.manual_seed(0)
+    model = tiny_llama()
+    model.lm_head.weight.requires_grad_(False)  # tied: the embedding is frozen too
+    ids = torch.randint(3, 250, (2, 13))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+    logits = model(input_ids=ids).logits.float()
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    want = F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
+    )
+    want.backward()
+    want_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+
+    head = Head(model.lm_head, softcap)
+    got, _ = causal_lm_loss(model, head, batch, chunk=5)
+    got.backward()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for name, g in want_grads.items():
+        torch.testing.assert_close(
+            dict(model.named_parameters())[name].grad, g, rtol=1e-4, atol=1e-6, msg=name
+        )

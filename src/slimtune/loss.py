@@ -76,6 +76,46 @@ def find_head(model: nn.Module) -> Head:
     return head
 
 
+class _FrozenHeadCE(torch.autograd.Function):
+    """Cross-entropy through a frozen linear head, its input gradient computed in forward.
+
+    d loss / d logits = softmax - onehot is formed while the chunk's logits exist, multiplied
+    into the gradient of the hidden rows (chunk x hidden) and only that is kept for backward:
+    no logits are stored and none are recomputed (LoRA and other methods with a frozen head).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, softcap):  # type: ignore[override]
+        logits = (hidden @ weight.t()).float()
+        capped = None
+        if softcap:
+            capped = torch.tanh(logits / softcap)
+            logits = capped * softcap
+        lse = torch.logsumexp(logits, dim=-1)
+        rows = torch.arange(len(targets), device=targets.device)
+        loss = (lse - logits[rows, targets]).sum()
+        if ctx.needs_input_grad[0]:
+            grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+            grad[rows, targets] -= 1
+            if capped is not None:
+                grad.mul_(1 - capped.square())
+            ctx.save_for_backward((grad.to(weight.dtype) @ weight).to(hidden.dtype))
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        (grad_hidden,) = ctx.saved_tensors
+        return grad_hidden * grad_out.to(grad_hidden.dtype), None, None, None
+
+
+def _frozen_linear(head: Head) -> torch.Tensor | None:
+    """The weight of a frozen, bias-free nn.Linear head, else None."""
+    m = head.module
+    if type(m) is nn.Linear and m.bias is None and not m.weight.requires_grad:
+        return m.weight
+    return None
+
+
 def _chunk_ce(head: Head, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Summed cross-entropy of hidden-state rows (or, without a head module, of logit rows)."""
     logits = rows.float() if head.module is None else head.logits(rows)
@@ -102,10 +142,13 @@ def causal_lm_loss(
             use_cache=False,
         )
         rows, recompute = out.hidden_states[-1][:, :-1][keep], torch.is_grad_enabled()
+    frozen = _frozen_linear(head) if recompute else None
     total = rows.sum() * 0.0  # keeps the graph connected when a batch has no target
     for i in range(0, n, chunk):
         r, t = rows[i : i + chunk], targets[i : i + chunk]
-        if recompute:
+        if frozen is not None:
+            total = total + _FrozenHeadCE.apply(r, frozen, t, head.softcap)
+        elif recompute:
             # Recompute this chunk's logits in backward instead of storing them.
             total = total + checkpoint(_chunk_ce, head, r, t, use_reentrant=False)
         else:
