@@ -79,7 +79,7 @@ def launch(recipe: dict, tmp_path: Path, processes: int = 2) -> list[dict]:
     files = sorted(out.glob("rank*.pt"))
     # One file per rank: a launcher that silently starts one process leaves only rank0.pt.
     assert [f.name for f in files] == [f"rank{r}.pt" for r in range(processes)], log
-    return [torch.load(f, weights_only=False) for f in files]
+    return [torch.load(f, weights_only=True) for f in files]
 
 
 @pytest.mark.slow
