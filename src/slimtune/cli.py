@@ -144,7 +144,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from .checkpoint import atomic_dir, commit_dir
 
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()) if out.is_dir() else out.exists():
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise SlimtuneError(f"merge: output {str(out)!r} exists; choose a new directory")
     _quiet()
     _, model, tok, method = _load_run(Path(args.run_dir), [])
