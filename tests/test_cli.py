@@ -56,6 +56,14 @@ BAD = {
     ),
     "unknown extension": (["data.path=notes.txt"], "unknown extension '.txt'"),
     "bad override syntax": (["train.steps"], "override 'train.steps': expected key=value"),
+    "bad optimizer state bits": (
+        ["optimizer.name=galore", "optimizer.state_bits=4"],
+        "config: optimizer.state_bits: expected one of 8, 32, got 4",
+    ),
+    "layerwise with fp16 loss scaling": (
+        ["optimizer.name=galore", "optimizer.layerwise=true", "train.mixed_precision=fp16"],
+        "optimizer: galore: layerwise updates cannot be combined with train.mixed_precision=fp16",
+    ),
     "out-of-range layer": (
         ["params.name=freeze", "params.layers=[5]"],
         "config: params.layers: 5 is out of range for 2 blocks",

@@ -122,7 +122,7 @@ def evaluate(
     head: Head,
     examples: list[Example],
     cfg: EvalConfig,
-    chunk: int = 512,
+    chunk: int = 256,
 ) -> dict:
     """Metrics on ``examples``: loss and perplexity always; accuracy when they carry choices."""
     if cfg.max_examples is not None:

@@ -32,7 +32,7 @@ from .data import Example, Splits, collate, index_stream, load_splits
 from .errors import SlimtuneError, TrainingDiverged
 from .evaluate import evaluate
 from .loss import Head, causal_lm_loss, find_head
-from .memory import fmt_bytes, peak_bytes
+from .memory import fmt_bytes, optimizer_state_bytes, peak_bytes, trim_after_blocks, trim_heap
 from .methods.base import ParamsMethod, PrepareContext
 from .models import load_model, pick_device
 
@@ -169,7 +169,24 @@ def train(
     if n_trainable == 0:
         raise SlimtuneError(f"params: method {cfg.params.name!r} left no trainable parameter")
     groups = method.param_groups(model, cfg.optimizer.weight_decay)
-    optimizer = optim_method.build(groups)
+    optimizer = optim_method.build(groups, model)
+    # An optimizer that updates inside backward (layer-wise GaLore) clips and reports the norm
+    # itself; the loop tells it which micro-batch is the last (methods/base.py).
+    in_backward = bool(getattr(optimizer, "steps_in_backward", False))
+    if in_backward:
+        if world > 1:
+            raise SlimtuneError(
+                f"optimizer: {cfg.optimizer.name}: layerwise updates run in a single process "
+                f"only (this run has {world}); set optimizer.layerwise=false"
+            )
+        if tc.mixed_precision == "fp16":
+            raise SlimtuneError(
+                f"optimizer: {cfg.optimizer.name}: layerwise updates cannot be combined with "
+                "train.mixed_precision=fp16 (its loss scaling unscales gradients at step(), after "
+                "they were applied); use bf16 or no"
+            )
+        optimizer.max_grad_norm = tc.max_grad_norm
+    raw_optimizer = optimizer
     scheduler = get_scheduler(
         SCHEDULES[tc.schedule],
         optimizer,
@@ -179,6 +196,11 @@ def train(
     # Resolve the head before accelerate wraps forward in autocast: the check compares the
     # model's own logits with head(final hidden state) in the model's dtype.
     head: Head = find_head(model)
+    trims = []
+    if tc.trim_memory and accelerator.device.type == "cpu":
+        trims = trim_after_blocks(model)
+        if not trims:
+            log.warning("train.trim_memory: not glibc or no transformer blocks; no effect")
     model.train()
     model, optimizer = accelerator.prepare(model, optimizer)
     plain = accelerator.unwrap_model(model)
@@ -247,17 +269,22 @@ def train(
         for i, b in enumerate(micro):
             b = {k: v.to(accelerator.device) for k, v in b.items()}
             sync = nullcontext() if i == len(micro) - 1 else accelerator.no_sync(model)
+            if in_backward:
+                raw_optimizer.accumulating = i < len(micro) - 1
             with sync, accelerator.autocast():
                 ce, _ = causal_lm_loss(model, head, b, tc.loss_chunk_tokens)
                 accelerator.backward(ce * world / max(n_targets, 1))
             loss_sum += ce.detach().float()
         loss = float(accelerator.reduce(loss_sum, "sum")) / max(n_targets, 1)
         grad_norm = None
-        if tc.max_grad_norm > 0:
+        if in_backward:  # already clipped and applied inside backward
+            grad_norm = raw_optimizer.grad_norm()
+        elif tc.max_grad_norm > 0:
             params = [p for p in model.parameters() if p.requires_grad]
             grad_norm = float(accelerator.clip_grad_norm_(params, tc.max_grad_norm))
         if not math.isfinite(loss) or (grad_norm is not None and not math.isfinite(grad_norm)):
-            # Stop before the optimizer step: the weights and the last checkpoint stay good.
+            # Stop before the optimizer step: the weights and the last checkpoint stay good
+            # (a layer-wise optimizer has applied the finite parts already: the checkpoint is).
             optimizer.zero_grad(set_to_none=True)
             bar.close()
             if metrics_file:
@@ -270,6 +297,8 @@ def train(
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        if trims:
+            trim_heap()
         step += 1
         dt = time.perf_counter() - t0
         train_seconds += dt
@@ -315,6 +344,8 @@ def train(
         if on_step is not None:
             on_step(step, plain, row)
     bar.close()
+    for handle in trims:
+        handle.remove()
 
     # --- results -----------------------------------------------------------------------------
     eval_after = run_eval("after")
@@ -332,6 +363,7 @@ def train(
         "train_seconds": train_seconds,
         "tokens_per_s": tokens_seen / train_seconds if train_seconds else 0.0,
         "peak_memory_bytes": peak_bytes(accelerator.device),
+        "optimizer_state_bytes": optimizer_state_bytes(optimizer),
         "device": str(accelerator.device),
         "eval_before": eval_before,
         "eval_after": eval_after,

@@ -86,16 +86,21 @@ class _FrozenHeadCE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, softcap):  # type: ignore[override]
+        # One chunk x vocab buffer, every later step in place (torch.logsumexp would allocate
+        # two more of the same size on CPU).
         logits = (hidden @ weight.t()).float()
         capped = None
         if softcap:
-            capped = torch.tanh(logits / softcap)
-            logits = capped * softcap
-        lse = torch.logsumexp(logits, dim=-1)
+            capped = torch.tanh(logits.div_(softcap))
+            logits.copy_(capped).mul_(softcap)
         rows = torch.arange(len(targets), device=targets.device)
-        loss = (lse - logits[rows, targets]).sum()
+        picked = logits[rows, targets]
+        top = logits.amax(dim=-1)
+        exp = logits.sub_(top[:, None]).exp_()
+        total = exp.sum(dim=-1)
+        loss = (top + total.log() - picked).sum()
         if ctx.needs_input_grad[0]:
-            grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+            grad = exp.div_(total[:, None])  # softmax, in place of the logits
             grad[rows, targets] -= 1
             if capped is not None:
                 grad.mul_(1 - capped.square())
@@ -123,7 +128,7 @@ def _chunk_ce(head: Head, rows: torch.Tensor, targets: torch.Tensor) -> torch.Te
 
 
 def causal_lm_loss(
-    model: nn.Module, head: Head, batch: dict[str, torch.Tensor], chunk: int = 512
+    model: nn.Module, head: Head, batch: dict[str, torch.Tensor], chunk: int = 256
 ) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy over target tokens, and the number of target tokens."""
     labels = batch["labels"][:, 1:]

@@ -129,5 +129,12 @@ class OptimizerMethod(ABC):
         self.cfg = cfg
 
     @abstractmethod
-    def build(self, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
-        """The optimizer over ``groups`` (from the params method's ``param_groups``)."""
+    def build(self, groups: list[dict[str, Any]], model: nn.Module) -> torch.optim.Optimizer:
+        """The optimizer over ``groups`` (from the params method's ``param_groups``); ``model``
+        lets it tell what a tensor is (e.g. GaLore projects linear weights only).
+
+        An optimizer whose ``steps_in_backward`` is True updates parameters from gradient hooks
+        during backward (layer-wise GaLore). The loop then sets its ``accumulating`` flag for
+        every micro-batch but the last and its ``max_grad_norm`` (the optimizer clips), reads
+        the global norm from its ``grad_norm()`` and still calls ``step()`` once per step.
+        """

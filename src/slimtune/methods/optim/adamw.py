@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import nn
 
 from ...registry import register
 from ..base import OptimizerMethod
@@ -22,7 +23,7 @@ class AdamW(OptimizerMethod):
         eps: float = 1e-8
         """Denominator epsilon."""
 
-    def build(self, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+    def build(self, groups: list[dict[str, Any]], model: nn.Module) -> torch.optim.Optimizer:
         c = self.cfg
         return torch.optim.AdamW(
             groups, lr=c.lr, betas=tuple(c.betas), eps=c.eps, weight_decay=c.weight_decay
@@ -38,6 +39,6 @@ class SGD(OptimizerMethod):
         momentum: float = 0.0
         """Momentum factor (0: plain SGD, no optimizer state)."""
 
-    def build(self, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+    def build(self, groups: list[dict[str, Any]], model: nn.Module) -> torch.optim.Optimizer:
         c = self.cfg
         return torch.optim.SGD(groups, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)

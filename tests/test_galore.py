@@ -1,0 +1,287 @@
+"""GaLore: parity with the reference (galore-torch), low-rank state, layer-wise mode
+(accumulation honoured, clipping real), 8-bit state, checkpoints that load with weights_only."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+
+from slimtune import config
+from slimtune.loop import train
+from slimtune.methods.optim.galore import GaLoreAdamW, galore_param_groups, make_basis, project
+from slimtune.models import load_model
+
+from .conftest import tiny_recipe
+
+
+def tiny_model(seed: int = 0):
+    torch.manual_seed(seed)
+    model, _ = load_model("tiny-llama")
+    return model
+
+
+def batches(n: int, seed: int = 1, batch: int = 2, length: int = 12):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 256, (batch, length), generator=g) for _ in range(n)]
+
+
+def lm_loss(model, ids):
+    return model(input_ids=ids, labels=ids).loss
+
+
+def test_projection_side_follows_the_shape():
+    tall, wide = torch.randn(12, 5), torch.randn(5, 12)
+    q = make_basis(tall, 3)  # m >= n: right, r x n
+    p = make_basis(wide, 3)  # m < n: left, m x r
+    assert q.shape == (3, 5) and p.shape == (5, 3)
+    assert project(tall, q).shape == (12, 3) and project(wide, p).shape == (3, 12)
+    torch.testing.assert_close(q @ q.t(), torch.eye(3), atol=1e-5, rtol=0)
+
+
+def test_parity_with_galore_torch_after_20_steps():
+    """Same tiny model, seed and batches; galore-torch's GaLoreAdamW is the reference.
+    Tolerance: max |difference| of any parameter <= 1e-5 (float rounding of the two code paths
+    differs in the order of a few operations)."""
+    from galore_torch import GaLoreAdamW as Reference
+
+    rank, gap, scale, lr, wd = 4, 5, 0.25, 1e-3, 0.01
+    ours_model, ref_model = tiny_model(), tiny_model()
+    ours = GaLoreAdamW(galore_param_groups(ours_model, rank, gap, scale, wd), lr=lr)
+    ref_groups = []
+    for g in galore_param_groups(ref_model, rank, gap, scale, wd):
+        g = dict(g)
+        if g.pop("rank") is not None:
+            g.update(rank=rank, update_proj_gap=g.pop("update_gap"), proj_type="std")
+        ref_groups.append(g)
+    ref = Reference(ref_groups, lr=lr, weight_decay=wd, no_deprecation_warning=True)
+    assert any("rank" in g for g in ref.param_groups)
+    for ids in batches(20):
+        for model, opt in ((ours_model, ours), (ref_model, ref)):
+            opt.zero_grad()
+            lm_loss(model, ids).backward()
+            opt.step()
+    worst = max(
+        (a - b).abs().max().item() for a, b in zip(ours_model.parameters(), ref_model.parameters())
+    )
+    assert worst <= 1e-5, worst
+    # and it trained: the weights moved far more than the tolerance
+    start = tiny_model()
+    moved = max(
+        (a - b).abs().max().item() for a, b in zip(ours_model.parameters(), start.parameters())
+    )
+    assert moved > 1e-3
+
+
+def test_state_is_low_rank_and_tensors_only():
+    model = tiny_model()
+    opt = GaLoreAdamW(galore_param_groups(model, rank=2), lr=1e-3)
+    lm_loss(model, batches(1)[0]).backward()
+    opt.step()
+    low = {id(p) for p in opt.param_groups[0]["params"]}
+    for p, state in opt.state.items():
+        if id(p) in low:
+            assert min(state["exp_avg"].shape) == 2, (p.shape, state["exp_avg"].shape)
+            assert state["exp_avg"].numel() < p.numel()
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    torch.load(buf, weights_only=True)  # no Python objects in the state
+
+
+def _run(tmp_path, data, name, accum=1, **optim):
+    recipe = tiny_recipe(
+        data,
+        tmp_path / name,
+        optimizer={"name": "galore", "lr": 1e-2, "rank": 4, "update_gap": 2, **optim},
+        train={
+            "steps": 4,
+            "batch_size": 4 // accum,
+            "grad_accum": accum,
+            "max_grad_norm": 0.0,
+            "progress": False,
+            "eval_before": False,
+        },
+    )
+    return train(config.from_dict(recipe))
+
+
+@pytest.mark.parametrize("accum", [1, 4])
+def test_layerwise_equals_whole_step(tmp_path, cls_data, accum):
+    """Tolerance: 1e-6 absolute (the same arithmetic in another order of parameters). With
+    accumulation 4 this also shows the hooks wait for the last micro-batch: stepping on every
+    micro-batch (the reference's behaviour) would give other weights."""
+    whole = _run(tmp_path, cls_data, f"whole{accum}", accum)
+    layer = _run(tmp_path, cls_data, f"layer{accum}", accum, layerwise=True)
+    assert whole.summary["train_loss"] == pytest.approx(layer.summary["train_loss"], abs=1e-6)
+    for (n, a), b in zip(whole.model.named_parameters(), layer.model.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=n)
+
+
+def test_layerwise_clipping_is_real():
+    """The gradients the update sees are clipped: step 1 by each parameter's share of the
+    budget, later steps by max_norm / (global norm of the previous step)."""
+    model = tiny_model()
+    opt = GaLoreAdamW(
+        galore_param_groups(model, rank=4), lr=1e-3, layerwise=True, max_grad_norm=1e-3
+    )
+    seen: list[float] = []
+    original = opt._step_param
+
+    def spy(p, grad, group):
+        seen.append(float(grad.float().pow(2).sum()))
+        original(p, grad, group)
+
+    opt._step_param = spy
+    norms = []
+    for ids in batches(3):
+        seen.clear()
+        lm_loss(model, ids).backward()
+        norms.append(opt.grad_norm())
+        applied = math.sqrt(sum(seen))
+        opt.step()
+        assert all(p.grad is None for p in model.parameters())  # freed inside backward
+        assert norms[-1] > 1e-2  # raw gradients are far above the budget...
+        if len(norms) == 1:
+            assert applied <= 1e-3 * (1 + 1e-4)  # ...and what was applied is within it
+        else:
+            expected = norms[-1] * 1e-3 / (norms[-2] + 1e-6)
+            assert applied == pytest.approx(expected, rel=1e-4)
+
+
+def test_8bit_state_is_uint8_and_tracks_fp32(tmp_path, cls_data):
+    fp32 = _run(tmp_path, cls_data, "fp32", layerwise=True)
+    q8 = _run(tmp_path, cls_data, "q8", layerwise=True, state_bits=8)
+    assert q8.summary["optimizer_state_bytes"] < 0.5 * fp32.summary["optimizer_state_bytes"]
+    assert abs(q8.summary["train_loss"] - fp32.summary["train_loss"]) < 0.05
+
+
+def test_8bit_state_survives_load_state_dict():
+    model = tiny_model()
+    opt = GaLoreAdamW(galore_param_groups(model, rank=4), lr=1e-3, state_bits=8)
+    lm_loss(model, batches(1)[0]).backward()
+    opt.step()
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    again = GaLoreAdamW(galore_param_groups(model, rank=4), lr=1e-3, state_bits=8)
+    again.load_state_dict(torch.load(buf, weights_only=True))
+    dtypes = {k: v.dtype for s in again.state.values() for k, v in s.items()}
+    assert dtypes["exp_avg_q"] == torch.uint8 and dtypes["exp_avg_absmax"] == torch.float32
+
+
+def test_bf16_moments_stay_fp32_after_load():
+    model = tiny_model().to(torch.bfloat16)
+    opt = GaLoreAdamW(galore_param_groups(model, rank=4), lr=1e-3)
+    lm_loss(model, batches(1)[0]).backward()
+    opt.step()
+    again = GaLoreAdamW(galore_param_groups(model, rank=4), lr=1e-3)
+    again.load_state_dict(opt.state_dict())
+    assert all(s["exp_avg"].dtype == torch.float32 for s in again.state.values())
+
+
+# --- Natural GaLore ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("s,k", [(1, 6), (3, 10), (8, 8), (20, 64)])
+def test_woodbury_solve_equals_explicit_inverse(s, k):
+    from slimtune.optim import woodbury_natural_gradient
+
+    g = torch.Generator().manual_seed(s * 100 + k)
+    history = torch.randn(s, k, generator=g, dtype=torch.float64)
+    grad = torch.randn(k, generator=g, dtype=torch.float64)
+    damping = 1e-1
+    fisher = damping * torch.eye(k, dtype=torch.float64) + history.t() @ history
+    explicit = torch.linalg.inv(fisher) @ grad
+    torch.testing.assert_close(
+        woodbury_natural_gradient(history, grad, damping), explicit, atol=1e-9, rtol=1e-9
+    )
+
+
+def test_natural_galore_history_is_counted_and_reset_with_the_basis():
+    from slimtune.optim import NaturalGaLoreAdamW
+
+    model = tiny_model()
+    opt = NaturalGaLoreAdamW(galore_param_groups(model, rank=2, update_gap=3), lr=1e-3, history=4)
+    plain = GaLoreAdamW(galore_param_groups(tiny_model(), rank=2, update_gap=3), lr=1e-3)
+    lens = []
+    for ids in batches(4):
+        opt.zero_grad()
+        lm_loss(model, ids).backward()
+        opt.step()
+        first = opt.state[opt.param_groups[0]["params"][0]]
+        lens.append(int(first["history_len"]))
+    assert lens == [1, 2, 3, 1]  # the basis is recomputed before step 4
+    hist = first["history"]
+    assert hist.shape == (4, first["exp_avg"].numel())
+    m2 = tiny_model()
+    plain = GaLoreAdamW(galore_param_groups(m2, rank=2, update_gap=3), lr=1e-3)
+    lm_loss(m2, batches(1)[0]).backward()
+    plain.step()
+    assert opt.state_bytes() > plain.state_bytes()  # the history is state, and counted
+
+
+# --- GradNormLoRP --------------------------------------------------------------------------------
+
+
+def test_gradnorm_lorp_gradients_equal_autograd():
+    """dL/dg and dL/dV from the chain-rule formulas == autograd on W = g V / ||V||_row."""
+    from slimtune.optim import weight_norm_grads
+
+    gen = torch.Generator().manual_seed(0)
+    m, n = 7, 5
+    v = torch.randn(m, n, generator=gen, dtype=torch.float64, requires_grad=True)
+    mag = torch.randn(m, generator=gen, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(11, n, generator=gen, dtype=torch.float64)
+    target = torch.randn(11, m, generator=gen, dtype=torch.float64)
+    w = mag[:, None] * v / v.norm(dim=1, keepdim=True)
+    w.retain_grad()
+    loss = ((x @ w.t() - target) ** 2).sum()
+    loss.backward()
+    vnorm = v.detach().norm(dim=1)
+    unit = v.detach() / vnorm[:, None]
+    grad_g, grad_v = weight_norm_grads(w.grad, unit, mag.detach(), vnorm)
+    torch.testing.assert_close(grad_g, mag.grad, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(grad_v, v.grad, atol=1e-10, rtol=1e-10)
+
+
+def test_gradnorm_lorp_keeps_the_learned_magnitude():
+    """The magnitude is state that Adam moves (the public code overwrites it with ||W||)."""
+    from slimtune.optim import GradNormLoRPAdamW
+
+    model = tiny_model()
+    opt = GradNormLoRPAdamW(galore_param_groups(model, rank=2), lr=1e-2)
+    for ids in batches(3):
+        opt.zero_grad()
+        lm_loss(model, ids).backward()
+        opt.step()
+    p = opt.param_groups[0]["params"][0]
+    state = opt.state[p]
+    torch.testing.assert_close(
+        p.detach().norm(dim=1), state["magnitude"].abs(), atol=1e-5, rtol=1e-5
+    )
+    assert set(state) >= {"magnitude", "vnorm", "magnitude_exp_avg", "exp_avg", "basis"}
+    # no full-size copy of V in the state
+    assert all(t.numel() < p.numel() for t in state.values())
+
+
+def test_galore_layerwise_8bit_on_a_bf16_base(tmp_path, cls_data):
+    before = {}
+
+    def snap(step, model, row):
+        if row is None:
+            before.update({n: p.detach().clone() for n, p in model.named_parameters()})
+
+    recipe = tiny_recipe(
+        cls_data,
+        tmp_path / "bf16",
+        model={"name": "tiny-llama", "dtype": "bf16"},
+        optimizer={"name": "galore", "lr": 1e-2, "rank": 4, "layerwise": True, "state_bits": 8},
+    )
+    result = train(config.from_dict(recipe), on_step=snap)
+    assert math.isfinite(result.summary["train_loss"])
+    for n, p in result.model.named_parameters():
+        assert p.dtype == torch.bfloat16
+        assert not torch.equal(p, before[n]), n
