@@ -89,4 +89,8 @@ def trim_after_blocks(model: nn.Module) -> list[RemovableHandle]:
     if not blocks:
         lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
         blocks = list(max(lists, key=len)) if lists else []
-    return [b.register_forward_hook(lambda *_: trim_heap()) for b in blocks]
+
+    def hook(*_: object) -> None:  # returns None: a forward hook's return value replaces output
+        trim_heap()
+
+    return [b.register_forward_hook(hook) for b in blocks]
