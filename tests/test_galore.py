@@ -205,7 +205,6 @@ def test_natural_galore_history_is_counted_and_reset_with_the_basis():
 
     model = tiny_model()
     opt = NaturalGaLoreAdamW(galore_param_groups(model, rank=2, update_gap=3), lr=1e-3, history=4)
-    plain = GaLoreAdamW(galore_param_groups(tiny_model(), rank=2, update_gap=3), lr=1e-3)
     lens = []
     for ids in batches(4):
         opt.zero_grad()

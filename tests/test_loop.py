@@ -178,3 +178,25 @@ def test_gradient_checkpointing_gives_same_step(tmp_path, cls_data):
     )
     for name, w in trained(a).items():
         torch.testing.assert_close(trained(b)[name], w, atol=1e-5, rtol=1e-5)
+
+
+def test_trim_memory_changes_nothing_but_memory(tmp_path, cls_data):
+    from slimtune.memory import trim_heap
+
+    steps = {"steps": 3, "batch_size": 4, "progress": False, "eval_before": False}
+    a = train(config.from_dict(tiny_recipe(cls_data, tmp_path / "a", train=steps)))
+    b = train(
+        config.from_dict(
+            tiny_recipe(cls_data, tmp_path / "b", train={**steps, "trim_memory": True})
+        )
+    )
+    assert a.summary["train_loss"] == b.summary["train_loss"]
+    for name, w in trained(a).items():
+        assert torch.equal(trained(b)[name], w), name
+    # the hooks are gone after the run
+    assert not any(
+        "trim" in getattr(h, "__qualname__", "")
+        for m in b.model.modules()
+        for h in m._forward_hooks.values()
+    )
+    assert trim_heap()  # glibc here
