@@ -54,6 +54,7 @@ from ..base import OptimizerMethod
 
 BLOCK = 256  # 8-bit moments: elements per quantisation block
 MIN_8BIT = 4096  # smaller state tensors stay fp32 (as bitsandbytes does)
+SLICE = 1 << 21  # elements: larger tensors without a projection are updated a slice at a time
 _MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
@@ -200,41 +201,80 @@ class GaLoreAdamW(torch.optim.Optimizer):
 
     # -- shared machinery ----------------------------------------------------------------------
 
-    def _moments(
-        self, like: torch.Tensor, state: dict[str, Any], group: dict[str, Any], prefix: str = ""
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The fp32 moments named ``prefix + exp_avg(_sq)`` (dequantised copies for 8-bit
-        state), created as zeros on first use."""
+    def _init_moments(
+        self, like: torch.Tensor, state: dict[str, Any], group: dict[str, Any], prefix: str
+    ) -> None:
+        """Zero moments named ``prefix + exp_avg(_sq)`` shaped like ``like``, unless present:
+        fp32, or uint8 codes + fp32 block absmax for 8-bit state."""
         m_name, v_name = (prefix + n for n in _MOMENTS)
-        if m_name not in state and m_name + "_q" not in state:
-            zero = torch.zeros_like(like, dtype=torch.float32)
-            if group["state_bits"] == 8 and like.numel() >= MIN_8BIT:
-                for name, signed in ((m_name, True), (v_name, False)):
-                    state[name + "_q"], state[name + "_absmax"] = quantize(zero, signed)
-            else:
-                state[m_name], state[v_name] = zero, zero.clone()
-        if m_name + "_q" in state:
-            return tuple(
-                dequantize(state[n + "_q"], state[n + "_absmax"], signed).view(like.shape)
-                for n, signed in ((m_name, True), (v_name, False))
-            )
-        return state[m_name], state[v_name]
+        if m_name in state or m_name + "_q" in state:
+            return
+        if group["state_bits"] == 8 and like.numel() >= MIN_8BIT:
+            blocks = -(-like.numel() // BLOCK)
+            for name, signed in ((m_name, True), (v_name, False)):
+                zero_code = int(quantize(torch.zeros(BLOCK, device=like.device), signed)[0][0])
+                state[name + "_q"] = torch.full(
+                    like.shape, zero_code, dtype=torch.uint8, device=like.device
+                )
+                state[name + "_absmax"] = torch.zeros(blocks, device=like.device)
+        else:
+            state[m_name] = torch.zeros_like(like, dtype=torch.float32)
+            state[v_name] = torch.zeros_like(like, dtype=torch.float32)
 
     def _adam(
-        self, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any], prefix: str = ""
+        self,
+        grad: torch.Tensor,
+        state: dict[str, Any],
+        group: dict[str, Any],
+        prefix: str = "",
+        part: tuple[int, int] | None = None,
     ) -> tuple[torch.Tensor, float]:
         """Update the moments with ``grad`` (fp32); return the direction m / (sqrt(v) + eps)
-        and the step size lr * sqrt(1 - b2^t) / (1 - b1^t) (bias correction folded in)."""
-        m, v = self._moments(grad, state, group, prefix)
+        and the step size lr * sqrt(1 - b2^t) / (1 - b1^t) (bias correction folded in).
+
+        With ``part`` = (a, b), ``grad`` is elements a..b of the flattened gradient and only
+        that slice of the moments is read and written (a is a multiple of the 8-bit block)."""
+        if part is None:
+            self._init_moments(grad, state, group, prefix)
+        a, b = part if part is not None else (0, grad.numel())
+        names = [(prefix + n, signed) for n, signed in zip(_MOMENTS, (True, False))]
+        eightbit = names[0][0] + "_q" in state
+        if eightbit:
+            blocks = slice(a // BLOCK, -(-b // BLOCK))
+            m, v = (
+                dequantize(state[n + "_q"].view(-1)[a:b], state[n + "_absmax"][blocks], s)
+                for n, s in names
+            )
+        else:
+            m, v = (state[n].view(-1)[a:b] for n, _ in names)
+        g = grad.reshape(-1)
         b1, b2 = group["betas"]
-        m.mul_(b1).add_(grad, alpha=1 - b1)
-        v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
-        if prefix + "exp_avg_q" in state:
-            for name, t, signed in zip(_MOMENTS, (m, v), (True, False)):
-                state[prefix + name + "_q"], state[prefix + name + "_absmax"] = quantize(t, signed)
+        m.mul_(b1).add_(g, alpha=1 - b1)
+        v.mul_(b2).addcmul_(g, g, value=1 - b2)
+        if eightbit:
+            for (n, signed), t in zip(names, (m, v)):
+                q, absmax = quantize(t, signed)
+                state[n + "_q"].view(-1)[a:b] = q.view(-1)
+                state[n + "_absmax"][blocks] = absmax
         t = float(state["step"])  # already advanced for this step
         step_size = group["lr"] * math.sqrt(1 - b2**t) / (1 - b1**t)
-        return m / v.sqrt().add_(group["eps"]), step_size
+        return (m / v.sqrt().add_(group["eps"])).view(grad.shape), step_size
+
+    def _plain_update(
+        self, p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any]
+    ) -> None:
+        """AdamW on a tensor without a projection; large ones (embeddings) a slice at a time, so
+        the temporaries (dequantised moments, sqrt, direction) stay small."""
+        state["step"] += 1
+        if p.numel() <= SLICE:
+            self._apply(p, *self._adam(grad.float(), state, group), group)
+            return
+        self._init_moments(grad, state, group, "")
+        flat_p, flat_g = p.view(-1), grad.reshape(-1)
+        for a in range(0, p.numel(), SLICE):
+            b = min(a + SLICE, p.numel())
+            direction, step_size = self._adam(flat_g[a:b].float(), state, group, part=(a, b))
+            self._apply(flat_p[a:b], direction, step_size, group)
 
     def _apply(
         self, p: torch.Tensor, update: torch.Tensor, step_size: float, group: dict[str, Any]
@@ -252,8 +292,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
         if group["rank"] is not None and p.ndim == 2:
             self._low_rank_update(p, grad, state, group)
         else:
-            state["step"] += 1
-            self._apply(p, *self._adam(grad.float(), state, group), group)
+            self._plain_update(p, grad, state, group)
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:  # type: ignore[override]
