@@ -153,57 +153,58 @@ def train(
         shutil.rmtree(run_dir)
     accelerator.wait_for_everyone()
     work_dir.mkdir(parents=True, exist_ok=True)
+    # Until the run starts, a failure (bad input found while setting up) leaves no run dir.
     try:
         model = method.prepare(model, ctx)
+        model.config.use_cache = False
+        if tc.gradient_checkpointing:
+            model.activation_checkpointing_enable(
+                activation_checkpointing_kwargs={"use_reentrant": False}
+            )
+        n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        n_total = sum(p.numel() for p in model.parameters())
+        if n_trainable == 0:
+            raise SlimtuneError(f"params: method {cfg.params.name!r} left no trainable parameter")
+        groups = method.param_groups(model, cfg.optimizer.weight_decay)
+        optimizer = optim_method.build(groups, model)
+        # An optimizer that updates inside backward (layer-wise GaLore) clips and reports the norm
+        # itself; the loop tells it which micro-batch is the last (methods/base.py).
+        in_backward = bool(getattr(optimizer, "steps_in_backward", False))
+        if in_backward:
+            if world > 1:
+                raise SlimtuneError(
+                    f"optimizer: {cfg.optimizer.name}: layerwise updates run in a single process "
+                    f"only (this run has {world}); set optimizer.layerwise=false"
+                )
+            if tc.mixed_precision == "fp16":
+                raise SlimtuneError(
+                    f"optimizer: {cfg.optimizer.name}: layerwise updates cannot be combined with "
+                    "train.mixed_precision=fp16 (its loss scaling unscales gradients at step(), after "
+                    "they were applied); use bf16 or no"
+                )
+            optimizer.max_grad_norm = tc.max_grad_norm
+        raw_optimizer = optimizer
+        scheduler = get_scheduler(
+            SCHEDULES[tc.schedule],
+            optimizer,
+            num_warmup_steps=tc.warmup_steps,
+            num_training_steps=steps,
+        )
+        # Resolve the head before accelerate wraps forward in autocast: the check compares the
+        # model's own logits with head(final hidden state) in the model's dtype.
+        head: Head = find_head(model)
+        trims = []
+        if tc.trim_memory and accelerator.device.type == "cpu":
+            trims = trim_after_blocks(model)
+            if not trims:
+                log.warning("train.trim_memory: not glibc or no transformer blocks; no effect")
+        model.train()
+        model, optimizer = accelerator.prepare(model, optimizer)
+        plain = accelerator.unwrap_model(model)
     except BaseException:
         if accelerator.is_main_process and not cfg.resume:
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
-    model.config.use_cache = False
-    if tc.gradient_checkpointing:
-        model.activation_checkpointing_enable(
-            activation_checkpointing_kwargs={"use_reentrant": False}
-        )
-    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    n_total = sum(p.numel() for p in model.parameters())
-    if n_trainable == 0:
-        raise SlimtuneError(f"params: method {cfg.params.name!r} left no trainable parameter")
-    groups = method.param_groups(model, cfg.optimizer.weight_decay)
-    optimizer = optim_method.build(groups, model)
-    # An optimizer that updates inside backward (layer-wise GaLore) clips and reports the norm
-    # itself; the loop tells it which micro-batch is the last (methods/base.py).
-    in_backward = bool(getattr(optimizer, "steps_in_backward", False))
-    if in_backward:
-        if world > 1:
-            raise SlimtuneError(
-                f"optimizer: {cfg.optimizer.name}: layerwise updates run in a single process "
-                f"only (this run has {world}); set optimizer.layerwise=false"
-            )
-        if tc.mixed_precision == "fp16":
-            raise SlimtuneError(
-                f"optimizer: {cfg.optimizer.name}: layerwise updates cannot be combined with "
-                "train.mixed_precision=fp16 (its loss scaling unscales gradients at step(), after "
-                "they were applied); use bf16 or no"
-            )
-        optimizer.max_grad_norm = tc.max_grad_norm
-    raw_optimizer = optimizer
-    scheduler = get_scheduler(
-        SCHEDULES[tc.schedule],
-        optimizer,
-        num_warmup_steps=tc.warmup_steps,
-        num_training_steps=steps,
-    )
-    # Resolve the head before accelerate wraps forward in autocast: the check compares the
-    # model's own logits with head(final hidden state) in the model's dtype.
-    head: Head = find_head(model)
-    trims = []
-    if tc.trim_memory and accelerator.device.type == "cpu":
-        trims = trim_after_blocks(model)
-        if not trims:
-            log.warning("train.trim_memory: not glibc or no transformer blocks; no effect")
-    model.train()
-    model, optimizer = accelerator.prepare(model, optimizer)
-    plain = accelerator.unwrap_model(model)
 
     # --- the run directory -------------------------------------------------------------------
     step, tokens_seen, train_seconds = 0, 0, 0.0
