@@ -307,3 +307,25 @@ def test_large_tensors_updated_in_slices_match_whole(monkeypatch, bits):
     whole, sliced = run(1 << 30), run(2 * galore.BLOCK + 0)
     for (n, a), b in zip(whole.named_parameters(), sliced.parameters()):
         assert torch.equal(a, b), n
+
+
+def test_usable_as_a_plain_optimizer_in_transformers_trainer(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    from slimtune.optim import NaturalGaLoreAdamW
+
+    model = tiny_model()
+    rows = [{"input_ids": ids[0], "labels": ids[0]} for ids in batches(8, batch=1)]
+    opt = NaturalGaLoreAdamW(galore_param_groups(model, rank=4, update_gap=2), lr=1e-2)
+    before = [p.detach().clone() for p in model.parameters()]
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "trainer"),
+        per_device_train_batch_size=2,
+        max_steps=3,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+    )
+    Trainer(model=model, args=args, train_dataset=rows, optimizers=(opt, None)).train()
+    assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert all(int(s["step"]) == 3 for s in opt.state.values())
