@@ -172,7 +172,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
             self._total = sum(p.numel() for p in params_)
             # By index: load_state_dict (accelerate calls it in prepare) replaces the group dicts.
             self._group_of = {p: i for i, g in enumerate(self.param_groups) for p in g["params"]}
-            self._hooks = [p.register_post_accumulate_grad_hook(self._hook) for p in params_]
+            self._hooks = [self._register(p) for p in params_]
 
     # -- what subclasses change ----------------------------------------------------------------
 
@@ -311,6 +311,17 @@ class GaLoreAdamW(torch.optim.Optimizer):
 
     # -- layer-wise mode -----------------------------------------------------------------------
 
+    def _register(self, p: torch.Tensor) -> Any:
+        """Hook a tensor, also one frozen now (a layer-sampling method unfreezes it later: torch
+        only hooks tensors that require grad, and the hook survives the flag being reset)."""
+        frozen = not p.requires_grad
+        p.requires_grad_(True)
+        try:
+            return p.register_post_accumulate_grad_hook(self._hook)
+        finally:
+            if frozen:
+                p.requires_grad_(False)
+
     @torch.no_grad()
     def _hook(self, p: torch.Tensor) -> None:
         if self.accumulating or p.grad is None:
@@ -386,7 +397,7 @@ def galore_param_groups(
     """Groups for a GaLore optimizer: the weights of ``nn.Linear`` modules (all but the output
     head, or those whose name contains one of ``target_modules``) get the rank; embeddings, the
     head, norms and biases get plain AdamW. ``params`` restricts the groups to those tensors
-    (default: every parameter that requires grad)."""
+    (default: every parameter that requires grad now)."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     inputs = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     excluded = {id(m.weight) for m in (head, inputs) if m is not None}
@@ -398,7 +409,9 @@ def galore_param_groups(
         and id(m.weight) not in excluded
         and (not targets or any(t in name for t in targets))
     }
-    pool = [p for p in (model.parameters() if params is None else params) if p.requires_grad]
+    # Given tensors are taken as they are: a layer-sampling params method hands over tensors
+    # that are frozen now and train later.
+    pool = [p for p in model.parameters() if p.requires_grad] if params is None else list(params)
     names = {id(p): n for n, p in model.named_parameters()}
 
     def kind(p: torch.Tensor) -> int:  # 0: low rank, 1: AdamW with decay, 2: AdamW without

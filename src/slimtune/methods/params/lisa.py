@@ -1,0 +1,129 @@
+"""LISA: layerwise importance sampling (Pan et al. 2024).
+
+The input embeddings and the output head always train. Every ``interval`` steps (from step 0)
+all decoder blocks are frozen and ``layers`` of them, drawn uniformly without replacement, are
+unfrozen. Unlike the reference, the optimizer state of blocks that leave the active set is
+dropped at the switch, so optimizer memory stays bounded by embedding + head + ``layers`` blocks
+however long the run (a block that comes back starts with fresh moments).
+
+The draw for interval i depends only on (seed, i): a resumed run picks the same blocks.
+The optimizer is built over every parameter that can ever train (all blocks, embedding, head);
+frozen tensors get no gradient, hence no update and no state. Saved as a plain Hugging Face
+checkpoint (the result is full weights).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ...errors import SlimtuneError
+from ...registry import register
+from ..base import ParamsMethod, PrepareContext
+from .freeze import decoder_layers
+
+
+@register("params", "lisa")
+class Lisa(ParamsMethod):
+    """LISA (Pan et al. 2024, https://arxiv.org/abs/2403.17919): embedding and head always train; every K steps a fresh uniform sample of gamma blocks trains; stale optimizer state is dropped."""
+
+    @dataclass
+    class Config:
+        layers: int = 2
+        """gamma: decoder blocks trained at a time."""
+        interval: int = 20
+        """K: optimizer steps between re-samplings."""
+        embeddings: bool = True
+        """Train the input embeddings (and a head tied to them) throughout."""
+        head: bool = True
+        """Train the output head throughout."""
+
+        def __post_init__(self) -> None:
+            if self.layers < 1:
+                raise ValueError(f"layers must be >= 1, got {self.layers}")
+            if self.interval < 1:
+                raise ValueError(f"interval must be >= 1, got {self.interval}")
+
+    def prepare(self, model: nn.Module, ctx: PrepareContext) -> nn.Module:
+        _, self._blocks = decoder_layers(model)
+        if self.cfg.layers > len(self._blocks):
+            raise SlimtuneError(
+                f"config: params.layers: {self.cfg.layers} blocks asked, the model has "
+                f"{len(self._blocks)}"
+            )
+        self._seed = ctx.seed
+        model.requires_grad_(False)
+        always = []
+        if self.cfg.embeddings:
+            always.append(model.get_input_embeddings())
+        if self.cfg.head and model.get_output_embeddings() is not None:
+            always.append(model.get_output_embeddings())
+        for module in always:
+            module.requires_grad_(True)
+        self._always = {id(p) for m in always for p in m.parameters()}
+        self.active: list[int] = []
+        self._interval = -1
+        self._select(model, 0, None)
+        return model
+
+    def sample(self, interval: int) -> list[int]:
+        """The blocks of an interval: a draw that depends only on (seed, interval)."""
+        g = torch.Generator().manual_seed(self._seed * 1_000_003 + interval)
+        return sorted(torch.randperm(len(self._blocks), generator=g)[: self.cfg.layers].tolist())
+
+    def _select(self, model: nn.Module, step: int, optimizer: Any) -> None:
+        interval = step // self.cfg.interval
+        if interval == self._interval:
+            return
+        self._interval = interval
+        chosen = self.sample(interval)
+        for i, block in enumerate(self._blocks):
+            keep = i in chosen
+            if not keep and optimizer is not None:
+                for p in block.parameters():
+                    if id(p) not in self._always:
+                        optimizer.state.pop(p, None)
+            block.requires_grad_(keep)
+        for p in model.parameters():  # a head tied to the embedding may sit inside no block
+            if id(p) in self._always:
+                p.requires_grad_(True)
+        self.active = chosen
+
+    def param_groups(self, model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+        # Every tensor that may ever train: the optimizer holds them all; only those with a
+        # gradient in a step are updated and get state.
+        frozen = [p for p in model.parameters() if not p.requires_grad]
+        for p in self._trainable_set(model):
+            p.requires_grad_(True)
+        groups = super().param_groups(model, weight_decay)
+        for p in frozen:
+            p.requires_grad_(False)
+        self._select_again(model)
+        return groups
+
+    def _select_again(self, model: nn.Module) -> None:
+        for i, block in enumerate(self._blocks):
+            block.requires_grad_(i in self.active)
+        for p in model.parameters():
+            if id(p) in self._always:
+                p.requires_grad_(True)
+
+    def _trainable_set(self, model: nn.Module) -> list[nn.Parameter]:
+        ids = {id(p) for b in self._blocks for p in b.parameters()} | self._always
+        return [p for p in model.parameters() if id(p) in ids]
+
+    def on_step_start(self, model: nn.Module, step: int, optimizer: torch.optim.Optimizer) -> None:
+        self._select(model, step, optimizer)
+
+    def trainable_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        ids = {id(p) for p in self._trainable_set(model)}
+        return {n: p.detach() for n, p in model.named_parameters() if id(p) in ids}
+
+    def load_trainable_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for n, t in state.items():
+                params[n].copy_(t)
