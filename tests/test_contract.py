@@ -28,6 +28,7 @@ VARIANTS.update(
         "lora-loftq": {"init": "loftq", "target_modules": ["q_proj", "v_proj"]},
         "lora-head": {"modules_to_save": ["lm_head"]},
         "freeze": {"layers": [0], "patterns": ["*.norm.weight"]},
+        "owlore": {"layers": 1, "calibration_examples": 4, "threshold": 3.0},
     }
 )
 

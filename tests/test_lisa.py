@@ -122,3 +122,94 @@ def test_lisa_with_layerwise_galore_trains_every_sampled_block(tmp_path, cls_dat
     sampled = {b for s in range(6) for b in method.sample(s)}
     assert {i for i, c in changed.items() if c} == sampled
     assert len(sampled) == 2
+
+
+# --- OwLore --------------------------------------------------------------------------------------
+
+
+def owlore_setup(threshold=5.0, n_layers=6):
+    from slimtune.methods.params.owlore import OwLore
+
+    torch.manual_seed(0)
+    model = tiny_llama(num_hidden_layers=n_layers)
+
+    def calibration():
+        g = torch.Generator().manual_seed(0)
+        while True:
+            ids = torch.randint(0, 256, (4, 12), generator=g)
+            yield {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+    method = OwLore(
+        OwLore.Config(layers=1, interval=1, threshold=threshold, calibration_examples=8)
+    )
+    ctx = PrepareContext(tiny_tokenizer(), work_dir=None, seed=3, calibration=calibration)
+    return method.prepare(model, ctx), method
+
+
+def test_owlore_probabilities_follow_outlier_ratios():
+    from slimtune.methods.params.owlore import outlier_ratios
+
+    model, method = owlore_setup()
+    ratios = method.ratios
+    assert all(r > 0 for r in ratios) and len(set(ratios)) > 1
+    total = sum(ratios)
+    assert method.probabilities == pytest.approx([r / total for r in ratios], abs=1e-12)
+    # the ratio by hand for block 0, from input norms measured independently
+    norms = {}
+    hooks = [
+        m.register_forward_pre_hook(
+            lambda mod, a: norms.__setitem__(
+                mod, norms.get(mod, 0) + a[0].reshape(-1, a[0].shape[-1]).square().sum(0)
+            )
+        )
+        for m in model.model.layers[0].modules()
+        if isinstance(m, torch.nn.Linear)
+    ]
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _ in range(2):
+            ids = torch.randint(0, 256, (4, 12), generator=g)
+            model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    for h in hooks:
+        h.remove()
+    by_hand = outlier_ratios(model.model.layers[:1], {m: s.sqrt() for m, s in norms.items()}, 5.0)
+    # block 0 has trained nothing yet, so its ratio is reproducible from scratch
+    assert by_hand[0] == pytest.approx(ratios[0], abs=1e-9)
+    # draws follow the probabilities (gamma 1: frequency of each block ~ p)
+    counts = torch.zeros(len(ratios))
+    for i in range(3000):
+        counts[method.sample(i)[0]] += 1
+    assert torch.allclose(counts / 3000, torch.tensor(method.probabilities).float(), atol=0.03)
+
+
+def test_owlore_state_bounded_across_10_switches():
+    model, method = owlore_setup()
+    opt = torch.optim.AdamW(method.param_groups(model, 0.0), lr=1e-2)
+    blocks = method._blocks
+    always = sum(p.numel() for p in model.parameters() if id(p) in method._always)
+    biggest = max(sum(p.numel() for p in b.parameters()) for b in blocks)
+    bound = 2 * 4 * (always + biggest) + 64 * 4 * len(list(model.parameters()))
+    for s in range(11):
+        method.on_step_start(model, s, opt)
+        step(model, opt, s)
+        assert optimizer_state_bytes(opt) <= bound
+
+
+def test_owlore_with_galore_writes_its_ratios(tmp_path, cls_data):
+    import json
+
+    result = train(
+        config.from_dict(
+            tiny_recipe(
+                cls_data,
+                tmp_path / "og",
+                params={"name": "owlore", "layers": 1, "interval": 2, "calibration_examples": 4},
+                optimizer={"name": "galore", "lr": 1e-2, "rank": 4},
+                train={"steps": 4, "batch_size": 2, "progress": False, "eval_before": False},
+            )
+        )
+    )
+    info = json.loads((result.run_dir / "owlore.json").read_text())
+    assert info["probabilities"] == pytest.approx(result.method.probabilities)
+    assert sum(info["probabilities"]) == pytest.approx(1.0)
+    assert len(info["outlier_ratios"]) == 2
