@@ -24,6 +24,7 @@ from ...errors import SlimtuneError
 from ...registry import register
 from ..base import ParamsMethod, PrepareContext
 from .freeze import decoder_layers
+from .hft import drop_optimizer_state
 
 
 @register("params", "lisa")
@@ -83,9 +84,9 @@ class Lisa(ParamsMethod):
         for i, block in enumerate(self._blocks):
             keep = i in chosen
             if not keep and optimizer is not None:
-                for p in block.parameters():
-                    if id(p) not in self._always:
-                        optimizer.state.pop(p, None)
+                drop_optimizer_state(
+                    optimizer, [p for p in block.parameters() if id(p) not in self._always]
+                )
             block.requires_grad_(keep)
         for p in model.parameters():  # a head tied to the embedding may sit inside no block
             if id(p) in self._always:
