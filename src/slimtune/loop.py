@@ -145,7 +145,7 @@ def train(
             yield cal.next(tok.pad_token_id)
 
     model.to(accelerator.device)
-    ctx = PrepareContext(tok, work_dir, tc.seed, calibration)
+    ctx = PrepareContext(tok, work_dir, tc.seed, calibration, extras={"total_steps": steps})
     # Every process has run _check_output_dir before the main one writes into run_dir (process
     # group creation is not a barrier with every backend, e.g. lazily initialised NCCL).
     accelerator.wait_for_everyone()
