@@ -67,3 +67,39 @@ def tiny_recipe(data_path: Path, out: Path, **sections) -> dict:
         else:
             recipe[key] = value
     return recipe
+
+
+class Kill(Exception):
+    """Raised from a step callback to simulate a killed run."""
+
+
+def assert_resume_exact(straight, data_path: Path, out: Path, kill_at: int, **sections) -> Path:
+    """Run ``tiny_recipe(data_path, out, **sections)`` with a checkpoint every ``kill_at`` steps,
+    kill it after that checkpoint, resume, and check it ends bitwise equal to ``straight`` (a
+    finished RunResult of the same recipe): loss, parameters and buffers. Returns the killed
+    run's checkpoint directory."""
+    import torch
+
+    from slimtune import checkpoint, config
+    from slimtune.loop import train
+
+    sections["train"] = {**sections.get("train", {}), "save_every": kill_at}
+    resumable = tiny_recipe(data_path, out, **sections)
+
+    def kill(step, model, row):
+        if step == kill_at:
+            raise Kill
+
+    try:
+        train(config.from_dict(resumable), on_step=kill)
+        raise AssertionError("the run was not killed")
+    except Kill:
+        pass
+    (ckpt,) = checkpoint.list_checkpoints(out / "checkpoints")
+    resumed = train(config.from_dict({**resumable, "resume": True}))
+    assert resumed.summary["train_loss"] == straight.summary["train_loss"]
+    for (n, a), b in zip(straight.model.named_parameters(), resumed.model.parameters()):
+        assert torch.equal(a, b), n
+    for (n, a), b in zip(straight.model.named_buffers(), resumed.model.buffers()):
+        assert torch.equal(a, b), n
+    return ckpt

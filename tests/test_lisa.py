@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from slimtune import checkpoint, config
+from slimtune import config
 from slimtune.loop import train
 from slimtune.memory import optimizer_state_bytes
 from slimtune.methods.base import PrepareContext
 from slimtune.methods.params.lisa import Lisa
 from slimtune.models import tiny_llama, tiny_tokenizer
 
-from .conftest import tiny_recipe
+from .conftest import assert_resume_exact, tiny_recipe
 
 
 def setup(layers=2, interval=1, n_layers=6):
@@ -60,34 +60,15 @@ def test_draws_depend_only_on_seed_and_interval():
     assert len({tuple(a.sample(i)) for i in range(20)}) > 1
 
 
-class Kill(Exception):
-    pass
-
-
 def test_lisa_resume_is_bitwise_exact(tmp_path, cls_data):
     params = {"name": "lisa", "layers": 1, "interval": 2}
     steps = {"steps": 6, "batch_size": 2, "progress": False, "eval_before": False}
     cpu = {"name": "tiny-llama", "device": "cpu"}
-    straight = train(
-        config.from_dict(
-            tiny_recipe(cls_data, tmp_path / "a", model=cpu, params=params, train=steps)
-        )
+    recipe = tiny_recipe(cls_data, tmp_path / "a", model=cpu, params=params, train=steps)
+    straight = train(config.from_dict(recipe))
+    assert_resume_exact(
+        straight, cls_data, tmp_path / "b", 3, model=cpu, params=params, train=steps
     )
-    resumable = tiny_recipe(
-        cls_data, tmp_path / "b", model=cpu, params=params, train={**steps, "save_every": 3}
-    )
-
-    def kill(step, model, row):
-        if step == 3:
-            raise Kill
-
-    with pytest.raises(Kill):
-        train(config.from_dict(resumable), on_step=kill)
-    assert checkpoint.list_checkpoints(tmp_path / "b" / "checkpoints")
-    resumed = train(config.from_dict({**resumable, "resume": True}))
-    assert resumed.summary["train_loss"] == straight.summary["train_loss"]
-    for (n, a), b in zip(straight.model.named_parameters(), resumed.model.parameters()):
-        assert torch.equal(a, b), n
 
 
 def test_lisa_with_layerwise_galore_trains_every_sampled_block(tmp_path, cls_data):

@@ -8,10 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from slimtune import checkpoint, config, registry
+from slimtune import config, registry
 from slimtune.loop import train
 
-from .conftest import tiny_recipe
+from .conftest import assert_resume_exact, tiny_recipe
 
 VARIANTS = {name: {} for name in registry.names("optimizer")}
 VARIANTS.update(
@@ -31,10 +31,6 @@ VARIANTS.update(
 def method_of(variant: str) -> str:
     names = sorted(registry.names("optimizer"), key=len, reverse=True)
     return next(n for n in names if variant == n or variant.startswith(n + "-"))
-
-
-class Kill(Exception):
-    pass
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
@@ -60,23 +56,7 @@ def test_optimizer_contract(tmp_path, cls_data, variant):
     assert len(moved) == len(before), set(before) - set(moved)
     assert straight.summary["optimizer_state_bytes"] > 0 or optim["name"] == "sgd"
 
-    resumable = tiny_recipe(
-        cls_data,
-        tmp_path / "b",
-        model=cpu,
-        optimizer=optim,
-        train={**steps, "save_every": 2},
+    ckpt = assert_resume_exact(
+        straight, cls_data, tmp_path / "b", 2, model=cpu, optimizer=optim, train=steps
     )
-
-    def kill(step, model, row):
-        if step == 2:
-            raise Kill
-
-    with pytest.raises(Kill):
-        train(config.from_dict(resumable), on_step=kill)
-    (ckpt,) = checkpoint.list_checkpoints(tmp_path / "b" / "checkpoints")
     torch.load(ckpt / "optimizer.pt", weights_only=True)
-    resumed = train(config.from_dict({**resumable, "resume": True}))
-    assert resumed.summary["train_loss"] == straight.summary["train_loss"]
-    for (n, a), b in zip(straight.model.named_parameters(), resumed.model.parameters()):
-        assert torch.equal(a, b), n

@@ -10,7 +10,7 @@ from slimtune.methods.base import PrepareContext
 from slimtune.methods.params.spiel import SpIEL
 from slimtune.models import tiny_llama, tiny_tokenizer
 
-from .conftest import tiny_recipe
+from .conftest import assert_resume_exact, tiny_recipe
 
 
 def test_budget_is_kept_exactly_through_drop_and_regrow():
@@ -57,38 +57,13 @@ def test_spiel_saves_sparsely(tmp_path, cls_data):
     assert size < 0.2 * dense
 
 
-class Kill(Exception):
-    pass
-
-
 def test_spiel_resume_is_bitwise_exact(tmp_path, cls_data):
     """A checkpoint inside a grow window carries the gradient accumulator."""
-    import pytest
-
-    from slimtune import checkpoint
-
     params = {"name": "spiel", "density": 0.05, "update_every": 3, "grow_window": 2}
     steps = {"steps": 7, "batch_size": 2, "progress": False, "eval_before": False}
     cpu = {"name": "tiny-llama", "device": "cpu"}
-    straight = train(
-        config.from_dict(
-            tiny_recipe(cls_data, tmp_path / "a", model=cpu, params=params, train=steps)
-        )
+    recipe = tiny_recipe(cls_data, tmp_path / "a", model=cpu, params=params, train=steps)
+    straight = train(config.from_dict(recipe))
+    assert_resume_exact(
+        straight, cls_data, tmp_path / "b", 5, model=cpu, params=params, train=steps
     )
-    resumable = tiny_recipe(
-        cls_data, tmp_path / "b", model=cpu, params=params, train={**steps, "save_every": 5}
-    )
-
-    def kill(step, model, row):
-        if step == 5:
-            raise Kill
-
-    with pytest.raises(Kill):
-        train(config.from_dict(resumable), on_step=kill)
-    assert checkpoint.list_checkpoints(tmp_path / "b" / "checkpoints")
-    resumed = train(config.from_dict({**resumable, "resume": True}))
-    assert resumed.summary["train_loss"] == straight.summary["train_loss"]
-    for (n, a), b in zip(straight.model.named_parameters(), resumed.model.parameters()):
-        assert torch.equal(a, b), n
-    for (n, a), b in zip(straight.model.named_buffers(), resumed.model.buffers()):
-        assert torch.equal(a, b), n
