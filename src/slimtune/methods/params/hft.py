@@ -28,6 +28,21 @@ def drop_optimizer_state(optimizer: Any, params: list[nn.Parameter]) -> None:
         optimizer.state.pop(p, None)
 
 
+def groups_including(
+    method: ParamsMethod, model: nn.Module, candidates: list[nn.Parameter], weight_decay: float
+) -> list[dict[str, Any]]:
+    """The base param groups as if every candidate trained now (a selection method freezes and
+    unfreezes them during the run; the optimizer must hold them all), flags left as they were."""
+    was = [p.requires_grad for p in candidates]
+    for p in candidates:
+        p.requires_grad_(True)
+    try:
+        return ParamsMethod.param_groups(method, model, weight_decay)
+    finally:
+        for p, flag in zip(candidates, was):
+            p.requires_grad_(flag)
+
+
 @register("params", "hft")
 class HalfFineTuning(ParamsMethod):
     """HFT (Hui et al. 2024, "HFT: Half Fine-Tuning for Large Language Models"): half of each block's attention and FFN matrices train, the rest frozen; optional re-selection per stage."""
@@ -94,13 +109,7 @@ class HalfFineTuning(ParamsMethod):
         if not self.cfg.reselect_every:
             return super().param_groups(model, weight_decay)
         # Re-selection: every matrix that may train is in the optimizer from the start.
-        was = [p.requires_grad for p in self._candidates()]
-        for p in self._candidates():
-            p.requires_grad_(True)
-        groups = super().param_groups(model, weight_decay)
-        for p, flag in zip(self._candidates(), was):
-            p.requires_grad_(flag)
-        return groups
+        return groups_including(self, model, self._candidates(), weight_decay)
 
     def on_step_start(self, model: nn.Module, step: int, optimizer: torch.optim.Optimizer) -> None:
         if self.cfg.reselect_every:

@@ -24,7 +24,7 @@ from ...errors import SlimtuneError
 from ...registry import register
 from ..base import ParamsMethod, PrepareContext
 from .freeze import decoder_layers
-from .hft import drop_optimizer_state
+from .hft import drop_optimizer_state, groups_including
 
 
 @register("params", "lisa")
@@ -96,21 +96,7 @@ class Lisa(ParamsMethod):
     def param_groups(self, model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
         # Every tensor that may ever train: the optimizer holds them all; only those with a
         # gradient in a step are updated and get state.
-        frozen = [p for p in model.parameters() if not p.requires_grad]
-        for p in self._trainable_set(model):
-            p.requires_grad_(True)
-        groups = super().param_groups(model, weight_decay)
-        for p in frozen:
-            p.requires_grad_(False)
-        self._select_again(model)
-        return groups
-
-    def _select_again(self, model: nn.Module) -> None:
-        for i, block in enumerate(self._blocks):
-            block.requires_grad_(i in self.active)
-        for p in model.parameters():
-            if id(p) in self._always:
-                p.requires_grad_(True)
+        return groups_including(self, model, self._trainable_set(model), weight_decay)
 
     def _trainable_set(self, model: nn.Module) -> list[nn.Parameter]:
         ids = {id(p) for b in self._blocks for p in b.parameters()} | self._always
