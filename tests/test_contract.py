@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from slimtune import config, registry
+from slimtune.errors import SlimtuneError
 from slimtune.loop import train
 from slimtune.models import load_model
 
@@ -29,12 +30,21 @@ VARIANTS.update(
         "lora-head": {"modules_to_save": ["lm_head"]},
         "freeze": {"layers": [0], "patterns": ["*.norm.weight"]},
         "owlore": {"layers": 1, "calibration_examples": 4, "threshold": 3.0},
+        "prompt-tuning": {"num_virtual_tokens": 4},
+        "prompt-tuning-vocab": {"num_virtual_tokens": 4, "init": "vocab"},
+        "prefix-tuning": {"num_virtual_tokens": 4},
+        "prefix-tuning-projection": {"num_virtual_tokens": 4, "projection": True},
     }
 )
 
 
+def method_of(variant: str) -> str:
+    names = sorted(registry.names("params"), key=len, reverse=True)
+    return next(n for n in names if variant == n or variant.startswith(n + "-"))
+
+
 def run(tmp_path, cls_data, variant):
-    name = variant.split("-")[0]
+    name = method_of(variant)
     recipe = tiny_recipe(cls_data, tmp_path / "run", params={"name": name, **VARIANTS[variant]})
     snapshots = {}
 
@@ -86,7 +96,11 @@ def test_contract(tmp_path, cls_data, variant):
     loaded = result.method.load(base, result.run_dir)
     torch.testing.assert_close(logits(loaded, IDS), want, atol=1e-5, rtol=0)
 
-    # merge == unmerged
+    # merge == unmerged (or, where virtual tokens cannot be folded, one clear error)
+    if not result.method.mergeable:
+        with pytest.raises(SlimtuneError, match="cannot be folded"):
+            result.method.merge(copy.deepcopy(result.model))
+        return
     merged = result.method.merge(copy.deepcopy(result.model))
     torch.testing.assert_close(logits(merged, IDS), want, atol=1e-5, rtol=0)
     assert not any("lora_" in n for n, _ in merged.named_parameters())

@@ -45,11 +45,12 @@ def _score(model: nn.Module, head: Head, rows: list[_Row], pad_id: int, bs: int)
         out = model(
             input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False, **keep
         )
-        hidden = out.hidden_states[-1]
+        length = ids.shape[1]  # [:, -length:]: prompt tuning prepends virtual tokens
+        hidden = out.hidden_states[-1][:, -length:]
         for j, row in enumerate(chunk):
             positions = sorted({p for g in row.groups for p, _ in g})
             if head.module is None:
-                logits = out.logits[j, positions].float()
+                logits = out.logits[:, -length:][j, positions].float()
             else:
                 logits = head.logits(hidden[j, positions])
             logp = torch.log_softmax(logits, dim=-1)

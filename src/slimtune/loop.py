@@ -183,6 +183,14 @@ def train(
                     "they were applied); use bf16 or no"
                 )
             optimizer.max_grad_norm = tc.max_grad_norm
+        zeroth = bool(getattr(optimizer, "zeroth_order", False))
+        if zeroth:
+            if tc.mixed_precision == "fp16":
+                raise SlimtuneError(
+                    f"optimizer: {cfg.optimizer.name}: zeroth-order steps take no fp16 loss "
+                    "scaling; use train.mixed_precision=bf16 or no"
+                )
+            optimizer.loss_chunk_tokens = tc.loss_chunk_tokens
         raw_optimizer = optimizer
         scheduler = get_scheduler(
             SCHEDULES[tc.schedule],
@@ -267,7 +275,7 @@ def train(
         step_tokens = torch.tensor([sum(int(b["attention_mask"].sum()) for b in micro)])
         step_tokens = int(accelerator.reduce(step_tokens.to(accelerator.device), "sum").item())
         loss_sum = torch.zeros((), device=accelerator.device)
-        for i, b in enumerate(micro):
+        for i, b in enumerate(() if zeroth else micro):
             b = {k: v.to(accelerator.device) for k, v in b.items()}
             sync = nullcontext() if i == len(micro) - 1 else accelerator.no_sync(model)
             if in_backward:
@@ -278,7 +286,20 @@ def train(
             loss_sum += ce.detach().float()
         loss = float(accelerator.reduce(loss_sum, "sum")) / max(n_targets, 1)
         grad_norm = None
-        if in_backward:  # already clipped and applied inside backward
+        if zeroth:  # forward passes only; the optimizer perturbs, estimates and updates
+
+            def losses(
+                forward: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+                micro: list[dict[str, torch.Tensor]] = micro,
+                n_targets: int = n_targets,
+            ) -> torch.Tensor:
+                device = accelerator.device
+                total = sum(forward({k: v.to(device) for k, v in b.items()}) for b in micro)
+                return accelerator.reduce(total, "sum") / max(n_targets, 1)
+
+            with torch.no_grad(), accelerator.autocast():
+                loss = float(raw_optimizer.step(losses))
+        elif in_backward:  # already clipped and applied inside backward
             grad_norm = raw_optimizer.grad_norm()
         elif tc.max_grad_norm > 0:
             params = [p for p in model.parameters() if p.requires_grad]
@@ -295,7 +316,8 @@ def train(
             raise TrainingDiverged(
                 f"training stopped at step {step + 1}: loss is {loss}, grad norm {grad_norm}; {where}"
             )
-        optimizer.step()
+        if not zeroth:
+            optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         if trims:
@@ -315,6 +337,8 @@ def train(
             "step_s": dt,
             "peak_mem_mb": peak_bytes(accelerator.device) / 2**20,
         }
+        if zeroth:
+            row.update(raw_optimizer.step_info)
         if step % tc.log_every == 0 or step == steps:
             write(row)
         bar.set_postfix(

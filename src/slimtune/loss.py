@@ -137,7 +137,8 @@ def causal_lm_loss(
     targets = labels[keep]
     if head.module is None:  # fallback: the model's own logits, still reduced chunk by chunk
         rows = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        rows, recompute = rows[:, :-1][keep], False
+        # [:, -T:]: prompt tuning prepends virtual tokens to the sequence
+        rows, recompute = rows[:, -labels.shape[1] - 1 : -1][keep], False
     else:
         out = model(
             input_ids=batch["input_ids"],
@@ -146,7 +147,8 @@ def causal_lm_loss(
             logits_to_keep=1,
             use_cache=False,
         )
-        rows, recompute = out.hidden_states[-1][:, :-1][keep], torch.is_grad_enabled()
+        hidden = out.hidden_states[-1][:, -labels.shape[1] - 1 : -1]  # drop virtual tokens
+        rows, recompute = hidden[keep], torch.is_grad_enabled()
     frozen = _frozen_linear(head) if recompute else None
     total = rows.sum() * 0.0  # keeps the graph connected when a batch has no target
     for i in range(0, n, chunk):

@@ -39,6 +39,7 @@ class ParamsMethod:
     """Base class of the params axis. Defaults describe full fine-tuning of plain HF weights."""
 
     name: ClassVar[str]
+    mergeable: ClassVar[bool] = True  # False: merge() raises SlimtuneError (e.g. prompt tuning)
 
     @dataclass
     class Config:
@@ -117,6 +118,7 @@ class OptimizerMethod(ABC):
     """Base class of the optimizer axis."""
 
     name: ClassVar[str]
+    stateless: ClassVar[bool] = False  # True: may keep no optimizer state at all (plain SGD, MeZO)
 
     @dataclass
     class Config:
@@ -137,4 +139,11 @@ class OptimizerMethod(ABC):
         during backward (layer-wise GaLore). The loop then sets its ``accumulating`` flag for
         every micro-batch but the last and its ``max_grad_norm`` (the optimizer clips), reads
         the global norm from its ``grad_norm()`` and still calls ``step()`` once per step.
+
+        An optimizer whose ``zeroth_order`` is True estimates the gradient from forward passes:
+        the loop builds no graph and calls ``loss = step(closure)`` once per step, where
+        ``closure(forward)`` runs each micro-batch through ``forward(batch)`` (a tensor of loss
+        sums, one per perturbation) and returns their sum over micro-batches and processes
+        divided by the step's target tokens. It sets ``loss_chunk_tokens`` and reads the
+        ``step_info`` dict into the metrics row.
         """

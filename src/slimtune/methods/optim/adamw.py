@@ -34,6 +34,8 @@ class AdamW(OptimizerMethod):
 class SGD(OptimizerMethod):
     """SGD with optional momentum: no state without momentum, one buffer with it."""
 
+    stateless = True
+
     @dataclass
     class Config(OptimizerMethod.Config):
         momentum: float = 0.0

@@ -1,0 +1,85 @@
+"""Prompt tuning and prefix tuning through ``peft``: trainable virtual tokens, base frozen."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from peft import PeftModel, PrefixTuningConfig, PromptTuningConfig, get_peft_model
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from ...errors import SlimtuneError
+from ...registry import register
+from ..base import ParamsMethod, PrepareContext
+
+
+class _VirtualTokens(ParamsMethod):
+    """Shared by prompt and prefix tuning: a peft prompt-learning adapter, saved in PEFT format."""
+
+    mergeable = False
+
+    @dataclass
+    class Config:
+        num_virtual_tokens: int = 20
+        """Number of virtual tokens."""
+
+        def __post_init__(self) -> None:
+            if self.num_virtual_tokens < 1:
+                raise ValueError(f"num_virtual_tokens must be >= 1, got {self.num_virtual_tokens}")
+
+    def peft_config(self) -> PromptTuningConfig | PrefixTuningConfig:
+        raise NotImplementedError
+
+    def prepare(self, model: nn.Module, ctx: PrepareContext) -> nn.Module:
+        return get_peft_model(model, self.peft_config())
+
+    def save(self, model: PeftModel, tokenizer: PreTrainedTokenizerBase, out_dir: Path) -> None:
+        model.save_pretrained(out_dir)
+        tokenizer.save_pretrained(out_dir)
+
+    @classmethod
+    def load(cls, base: nn.Module, run_dir: Path) -> nn.Module:
+        return PeftModel.from_pretrained(base, run_dir)
+
+    def merge(self, model: nn.Module) -> nn.Module:
+        raise SlimtuneError(
+            f"params: {self.name}: virtual tokens cannot be folded into the weights; load the "
+            "adapter with peft.PeftModel.from_pretrained instead"
+        )
+
+
+@register("params", "prompt-tuning")
+class PromptTuning(_VirtualTokens):
+    """Prompt tuning (Lester et al., https://arxiv.org/abs/2104.08691): trainable embeddings of virtual tokens prepended to the input."""
+
+    @dataclass
+    class Config(_VirtualTokens.Config):
+        init: Literal["random", "vocab"] = "random"
+        """Initial virtual-token embeddings: random, or embeddings of random vocabulary tokens."""
+
+    def peft_config(self) -> PromptTuningConfig:
+        init = {"random": "RANDOM", "vocab": "SAMPLE_VOCAB"}[self.cfg.init]
+        return PromptTuningConfig(
+            task_type="CAUSAL_LM",
+            num_virtual_tokens=self.cfg.num_virtual_tokens,
+            prompt_tuning_init=init,
+        )
+
+
+@register("params", "prefix-tuning")
+class PrefixTuning(_VirtualTokens):
+    """Prefix tuning (Li & Liang, https://arxiv.org/abs/2101.00190): trainable key/value prefixes in every attention layer."""
+
+    @dataclass
+    class Config(_VirtualTokens.Config):
+        projection: bool = False
+        """Reparameterise the prefixes through a two-layer MLP (the paper's training trick)."""
+
+    def peft_config(self) -> PrefixTuningConfig:
+        return PrefixTuningConfig(
+            task_type="CAUSAL_LM",
+            num_virtual_tokens=self.cfg.num_virtual_tokens,
+            prefix_projection=self.cfg.projection,
+        )

@@ -1,0 +1,290 @@
+"""Zeroth-order optimizers (methods/optim/zo.py): their defining behaviour.
+
+No autograd in a step; the weights are bitwise unchanged by the estimate (fp32 and bf16); the
+noise is a pure function of its counter; the estimator points along the true gradient on a
+convex problem and trains it; sparse MeZO touches only below-threshold weights; the forward
+gradient is unbiased on a quadratic; the paired forward equals two separate forwards.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from slimtune import config
+from slimtune.loop import train
+from slimtune.methods.optim import zo
+
+from .conftest import tiny_recipe
+
+
+class Regression(nn.Module):
+    """Linear regression y = W x (+ an embedding and a norm, to exercise those wrappers)."""
+
+    def __init__(self, d: int = 8, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.lin = nn.Linear(d, 1, bias=True)
+        nn.init.normal_(self.lin.weight, generator=g)
+        self.x = torch.randn(256, d, generator=g)
+        self.w_true = torch.randn(1, d, generator=g)
+        self.y = self.x @ self.w_true.t()
+
+    def loss(self) -> torch.Tensor:
+        return ((self.lin(self.x) - self.y) ** 2).mean()
+
+
+def regression_optimizer(model: Regression, rule: str = "sgd", **cfg) -> zo.ZerothOrderOptimizer:
+    """A zeroth-order optimizer over the regression; its forward stacks the data per copy."""
+    from slimtune import registry
+
+    name = {"sgd": "mezo", "momentum": "zo-sgd-momentum", "sign": "zo-sign", "adam": "zo-adam"}
+    cls = registry.get("optimizer", cfg.pop("method", name[rule]))
+
+    def forward(batch, spec):
+        k = 1 if spec.dual else len(spec.scales)
+        err = (model.lin(model.x.repeat(k, 1)) - model.y.repeat(k, 1)) ** 2
+        return zo.SegmentForward._finish(err.view(k, -1).mean(dim=1), spec)
+
+    groups = [{"params": list(model.parameters())}]
+    return zo.ZerothOrderOptimizer(groups, model, cls.Config(**cfg), cls.rule, forward)
+
+
+def closure_for(model):
+    return lambda forward: forward(None)
+
+
+def test_noise_is_a_pure_function_of_its_counter():
+    key = (3, 5)
+    whole = zo._words(key, (1, 0), 0, 1000)
+    for start in (0, 1, 15, 16, 17, 333):
+        assert torch.equal(zo._words(key, (1, 0), start, 100), whole[start : start + 100])
+    assert not torch.equal(zo._words(key, (2, 0), 0, 100), whole[:100])  # another tensor
+    assert not torch.equal(zo._words((3, 6), (1, 0), 0, 100), whole[:100])  # another step
+    for kind in ("gaussian", "rademacher", "uniform"):
+        z = zo._table(kind)[zo._words((0, 0), (0, 0), 0, 200_000)]
+        assert abs(z.mean()) < 0.01 and abs(z.var() - 1) < 0.02, kind
+    g = zo._table("gaussian")[zo._words((0, 0), (0, 0), 0, 200_000)]
+    assert abs((g**4).mean() - 3) < 0.1  # Gaussian kurtosis, not uniform's 1.8
+
+
+def test_estimate_leaves_weights_bitwise_unchanged_and_builds_no_graph():
+    model = Regression()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = regression_optimizer(model, lr=0.0, eps=1e-1)
+    for _ in range(3):
+        loss = opt.step(closure_for(model))
+        assert math.isfinite(loss)
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n  # +eps, -eps and back: bit for bit
+        assert p.grad is None
+
+
+def test_bf16_weights_do_not_drift():
+    model = Regression().to(torch.bfloat16)
+    model.x, model.y = model.x.bfloat16(), model.y.bfloat16()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = regression_optimizer(model, lr=0.0, eps=1e-2)
+    for _ in range(20):
+        opt.step(closure_for(model))
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
+
+
+def test_estimator_follows_the_true_gradient_and_trains():
+    model = Regression()
+    true = torch.autograd.grad(model.loss(), model.lin.weight)[0].flatten()
+    # Average many one-sample estimates g z (the update direction) at fixed weights.
+    opt = regression_optimizer(model, lr=0.0, eps=1e-3)
+    est = torch.zeros_like(true)
+    n = 400
+    for _ in range(n):
+        step = opt.param_groups[0]["zo_step"]
+        opt.step(closure_for(model))
+        (key, g, _), *_ = opt._last_terms
+        t = opt.tensors[0]
+        est += g * opt.perturber.z(t, key, 0, t.param.numel(), t.param.detach()).flatten()
+        assert opt.param_groups[0]["zo_step"] == step + 1
+    est /= n
+    cos = torch.nn.functional.cosine_similarity(est, true, dim=0)
+    assert cos > 0.9, cos
+    # And it trains: MeZO on the regression reaches a low loss.
+    model = Regression()
+    start = float(model.loss())
+    opt = regression_optimizer(model, lr=2e-3, eps=1e-3)
+    for _ in range(1500):
+        opt.step(closure_for(model))
+    assert float(model.loss()) < 0.01 * start, (start, float(model.loss()))
+
+
+@pytest.mark.parametrize("rule", ["momentum", "sign", "adam"])
+def test_variants_train_the_regression(rule):
+    model = Regression()
+    start = float(model.loss())
+    lr = {"momentum": 2e-4, "sign": 1e-2, "adam": 3e-2}[rule]
+    opt = regression_optimizer(model, rule, lr=lr, eps=1e-3)
+    for _ in range(1000):
+        opt.step(closure_for(model))
+    assert float(model.loss()) < 0.1 * start, (rule, start, float(model.loss()))
+
+
+def test_cons_never_accepts_a_worse_point():
+    model = Regression()
+    opt = regression_optimizer(model, method="zo-cons", lr=5e-2, eps=1e-3)
+    prev = float(model.loss())
+    for _ in range(50):
+        opt.step(closure_for(model))
+        now = float(model.loss())
+        assert now <= prev + 1e-6
+        prev = now
+
+
+def test_sparse_mezo_touches_only_weights_below_threshold():
+    model = Regression(d=64)
+    before = model.lin.weight.detach().clone()
+    opt = regression_optimizer(model, method="sparse-mezo", lr=1e-3, sparsity=0.75)
+    thr = opt.state[model.lin.weight]["threshold"]
+    small = before.abs() <= thr
+    assert 0.2 < small.float().mean() < 0.3  # a quarter is perturbed at sparsity 0.75
+    opt.step(closure_for(model))
+    moved = model.lin.weight.detach() != before
+    assert moved.any() and not (moved & ~small).any()
+    assert not any(
+        torch.is_tensor(v) and v.numel() > 1 for s in opt.state.values() for v in s.values()
+    )
+
+
+def test_forward_grad_is_unbiased_on_a_quadratic():
+    model = Regression()
+    true = torch.autograd.grad(model.loss(), model.lin.weight)[0].flatten()
+    opt = regression_optimizer(model, method="forward-grad", lr=0.0)
+    est = torch.zeros_like(true)
+    n = 2000
+    for _ in range(n):
+        opt.step(closure_for(model))
+        (key, g, _), *_ = opt._last_terms
+        t = opt.tensors[0]
+        est += g * opt.perturber.z(t, key, 0, t.param.numel(), t.param.detach()).flatten()
+    est /= n
+    # Unbiased: the mean of g z approaches the gradient (error ~ |grad| sqrt(d / n)).
+    assert torch.linalg.vector_norm(est - true) < 0.15 * torch.linalg.vector_norm(true)
+    # The jvp itself is exact: g = grad . z (over weight and bias) for each draw.
+    (key, g, _), *_ = opt._last_terms
+    grads = torch.autograd.grad(model.loss(), [t.param for t in opt.tensors])
+    exact = sum(
+        float(
+            gr.flatten() @ opt.perturber.z(t, key, 0, t.param.numel(), t.param.detach()).flatten()
+        )
+        for gr, t in zip(grads, opt.tensors)
+    )
+    assert abs(g - exact) < 1e-4 * (1 + abs(g))
+
+
+def tiny_zo(tmp_path, data, name="mezo", steps=3, **optim):
+    cfg = tiny_recipe(
+        data,
+        tmp_path,
+        model={"name": "tiny-llama", "device": "cpu"},
+        optimizer={"name": name, "lr": 1e-3, "eps": 1e-2, **optim},
+        train={"steps": steps, "batch_size": 2, "grad_accum": 2},
+    )
+    return config.from_dict(cfg)
+
+
+def test_zo_step_builds_no_graph_on_a_real_model(tmp_path, cls_data):
+    seen = []
+
+    def check(step, model, row):
+        for p in model.parameters():
+            assert p.grad is None
+        if row is not None:
+            seen.append(row)
+
+    orig = torch.Tensor.backward
+
+    def forbidden(*a, **k):
+        raise AssertionError("backward called in a zeroth-order step")
+
+    torch.Tensor.backward = forbidden
+    try:
+        result = train(tiny_zo(tmp_path / "run", cls_data), on_step=check)
+    finally:
+        torch.Tensor.backward = orig
+    assert len(seen) == 3 and all("projected_grad" in r for r in seen)
+    assert result.summary["optimizer_state_bytes"] == 0
+
+
+def test_paired_forward_equals_separate_forwards(tmp_path, cls_data):
+    """The one stacked forward (W + eps z on copy 1, W - eps z on copy 2) gives the losses of
+    two plain forwards of the model with those weights, including the tied embedding/head."""
+    from slimtune.data import collate, load_splits
+    from slimtune.loss import causal_lm_loss, find_head
+
+    cfg = tiny_zo(tmp_path / "run", cls_data)
+    from slimtune.models import load_model
+
+    model, tok = load_model("tiny-llama", "fp32", device=None)
+    model.config.use_cache = False
+    splits = load_splits(cfg.data, tok)
+    batch = collate(splits.train[:4], tok.pad_token_id)
+    groups = [{"params": [p for p in model.parameters()]}]
+    opt = zo.ZerothOrder(cfg.optimizer).build(groups, model)
+    assert opt.forward.blocked  # the trainable head goes through the vocabulary-block path
+    eps = 1e-2
+    spec = zo._Pass((0, 7), [eps, -eps, 0.0], active={id(t.param): t for t in opt.tensors})
+    model.eval()
+    with torch.no_grad(), opt.perturber.perturbed(spec):
+        paired = opt.forward(batch, spec)
+    opt.perturber.remove()
+    head = find_head(model)
+    for j, s in enumerate([eps, -eps, 0.0]):
+        saved = {n: p.detach().clone() for n, p in model.named_parameters()}
+        with torch.no_grad():
+            for t in opt.tensors:
+                w = t.param.detach()
+                w.add_(opt.perturber.z(t, spec.key, 0, w.numel(), saved[opt.names[t.pid]]), alpha=s)
+            plain, _ = causal_lm_loss(model, head, batch, 256)
+            for n, p in model.named_parameters():
+                p.copy_(saved[n])
+        assert torch.allclose(paired[j], plain, rtol=1e-5, atol=1e-5), (j, paired[j], plain)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"name": "lora", "target_modules": ["q_proj", "v_proj"]},
+        {"name": "prompt-tuning", "num_virtual_tokens": 4},
+        {"name": "prefix-tuning", "num_virtual_tokens": 4},
+        {"name": "lisa", "layers": 1, "interval": 1},
+    ],
+    ids=lambda p: p["name"],
+)
+def test_mezo_over_params_methods(tmp_path, cls_data, params):
+    """MeZO moves exactly the trainable tensors of adapters, virtual tokens and LISA's sampled
+    blocks, and the rest stays bitwise frozen."""
+    before, trainable = {}, {}
+
+    def snap(step, model, row):
+        if row is None:
+            before.update({n: p.detach().clone() for n, p in model.named_parameters()})
+        if step < 3:  # LISA re-samples: record what trains in each step
+            trainable[step] = {n for n, p in model.named_parameters() if p.requires_grad}
+
+    recipe = tiny_recipe(
+        cls_data,
+        tmp_path / "run",
+        model={"name": "tiny-llama", "device": "cpu"},
+        params=params,
+        optimizer={"name": "mezo", "lr": 1e-2, "eps": 1e-1},
+        train={"steps": 3, "batch_size": 2},
+    )
+    result = train(config.from_dict(recipe), on_step=snap)
+    after = dict(result.model.named_parameters())
+    ever = set().union(*trainable.values()) if params["name"] == "lisa" else trainable[0]
+    for n, old in before.items():
+        if n not in ever:
+            assert torch.equal(after[n], old), f"frozen {n} changed"
+    assert any(not torch.equal(after[n], before[n]) for n in ever)
