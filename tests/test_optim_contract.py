@@ -25,6 +25,7 @@ VARIANTS.update(
         "gradnorm-lorp": {"rank": 4, "update_gap": 2},
         "gradnorm-lorp-layerwise-8bit": {"rank": 4, "layerwise": True, "state_bits": 8},
         "mezo": {"eps": 1e-2},
+        "mezo-counter-noise": {"eps": 1e-2, "pool_bits": 0},
         "mezo-n2-one-sided-rademacher": {
             "eps": 1e-2,
             "samples": 2,

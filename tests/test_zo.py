@@ -71,6 +71,23 @@ def test_noise_is_a_pure_function_of_its_counter():
     assert abs((g**4).mean() - 3) < 0.1  # Gaussian kurtosis, not uniform's 1.8
 
 
+def test_pool_noise_is_consistent_across_slices_and_white():
+    """Pool mode: any slice of a tensor's z equals the same slice of its whole z; z has mean 0
+    and variance 1 and blocks at random offsets are uncorrelated."""
+    w = nn.Parameter(torch.zeros(5 * zo.POOL_BLOCK + 123))
+    t = zo._Tensor(w, 7, 0)
+    p = zo.Perturber(nn.Linear(1, 1), [t], "gaussian", 0.0, pool_bits=18, seed=0)
+    whole = p.z(t, (1, 2), 0, w.numel(), w.detach())
+    for start, n in [(0, 10), (zo.POOL_BLOCK - 5, 20), (3 * zo.POOL_BLOCK + 1, zo.POOL_BLOCK)]:
+        assert torch.equal(
+            p.z(t, (1, 2), start, n, w.detach()[start : start + n]), whole[start : start + n]
+        )
+    assert abs(whole.mean()) < 0.01 and abs(whole.var() - 1) < 0.02
+    other = p.z(t, (1, 3), 0, w.numel(), w.detach())  # the next step's z
+    assert abs(float((whole * other).mean())) < 0.01
+    assert not torch.equal(whole, other)
+
+
 def test_estimate_leaves_weights_bitwise_unchanged_and_builds_no_graph():
     model = Regression()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}

@@ -42,10 +42,12 @@ from torch import nn
 
 from ...data import IGNORE
 from ...loss import Head, _innermost, find_head
+from ...memory import trim_heap
 from ...registry import register
 from ..base import OptimizerMethod
 
 CHUNK = 1 << 22  # elements of z generated at once by the update (16 MiB of fp32)
+POOL_BLOCK = 1 << 16  # elements of z taken as one contiguous slice of the noise pool
 HEAD_BLOCK = 4096  # vocabulary rows per block of the output head
 _MASK_STREAM = 1  # Philox counter word 2: 0 noise, 1 the random gradient-sparsity mask
 
@@ -99,9 +101,28 @@ class _Pass:
 class Perturber:
     """Installs the per-module forward wrappers and generates z."""
 
-    def __init__(self, model: nn.Module, tensors: list[_Tensor], noise: str, mask_ratio: float):
+    def __init__(
+        self,
+        model: nn.Module,
+        tensors: list[_Tensor],
+        noise: str,
+        mask_ratio: float,
+        pool_bits: int = 0,
+        seed: int = 0,
+    ):
         self.model, self.tensors, self.mask_ratio = model, tensors, mask_ratio
         self.table = _table(noise)
+        self.pool: torch.Tensor | None = None
+        if pool_bits:
+            # 2**pool_bits draws of the noise, centred and scaled to mean 0 and variance 1
+            # exactly, extended by one block so that a slice never wraps.
+            size = 1 << pool_bits
+            pool = self.table[_words((seed, (1 << 63) - 1), (0, 2), 0, size)].double()
+            pool = ((pool - pool.mean()) / pool.std(correction=0)).float()
+            self.pool = torch.cat([pool, pool[:POOL_BLOCK]])
+            self.pool_mask = size - 1
+            device = next((t.param.device for t in tensors), torch.device("cpu"))
+            self.pool = self.pool.to(device)
         self.by_id = {id(t.param): t for t in tensors}
         self.pass_: _Pass | None = None
         self.owners: list[tuple[nn.Module, list[str]]] = []
@@ -119,13 +140,31 @@ class Perturber:
     ) -> torch.Tensor:
         """fp32 z of elements ``start .. start+n`` of tensor ``t`` (flat), masked; ``w`` is the
         same slice of the weight (for the sparse-MeZO magnitude mask)."""
-        z = self.table[_words(key, (t.pid, 0), start, n)]
+        z = self._pool_slices(t, key, start, n) if self.pool is not None else None
+        if z is None:
+            z = torch.index_select(self.table, 0, _words(key, (t.pid, 0), start, n))
         if self.mask_ratio > 0:
             keep = _words(key, (t.pid, _MASK_STREAM), start, n) >= int(self.mask_ratio * 65536)
             z.mul_(keep)
         if t.threshold is not None:
             z.mul_(w.reshape(-1).abs() <= t.threshold)
         return z.to(w.device).view(w.shape)
+
+    def _pool_slices(self, t: _Tensor, key: tuple[int, int], start: int, n: int) -> torch.Tensor:
+        """z from the pool: block b of the tensor (POOL_BLOCK elements) is the pool slice at a
+        random offset o_b (two 16-bit counter words per block), so z is mean 0, variance 1 and
+        uncorrelated between blocks exactly; within a block its correlation is the pool's
+        autocorrelation (about 2**(-pool_bits/2))."""
+        b0, b1 = start // POOL_BLOCK, (start + n - 1) // POOL_BLOCK
+        w = _words(key, (t.pid, 3), 2 * b0, 2 * (b1 - b0 + 1)).view(-1, 2)
+        offsets = (((w[:, 0] << 16) | w[:, 1]) & self.pool_mask).tolist()
+        z = torch.empty(n, device=self.pool.device)
+        for i, o in enumerate(offsets):
+            lo = max(start, (b0 + i) * POOL_BLOCK)
+            hi = min(start + n, (b0 + i + 1) * POOL_BLOCK)
+            a = o + lo - (b0 + i) * POOL_BLOCK
+            z[lo - start : hi - start].copy_(self.pool[a : a + hi - lo])
+        return z
 
     def z_rows(self, t: _Tensor, key: tuple[int, int], rows: torch.Tensor) -> torch.Tensor:
         """z of the given rows of a 2-D tensor (runs of consecutive rows generated together)."""
@@ -459,8 +498,11 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
         if sparsity is not None:
             for t in self.tensors:
                 self.state[t.param]["threshold"] = _quantile_abs(t.param.detach(), 1 - sparsity)
+                trim_heap()  # kthvalue's temporaries would otherwise fragment the heap for good
         self._refresh()
-        self.perturber = Perturber(model, self.tensors, cfg.noise, cfg.mask_ratio)
+        self.perturber = Perturber(
+            model, self.tensors, cfg.noise, cfg.mask_ratio, cfg.pool_bits, cfg.seed
+        )
         # ``forward(batch, pass)``: per-copy loss sums (tests pass their own for toy models).
         self.forward = forward or SegmentForward(model, find_head(model), self.perturber, 256)
         self.step_info: dict[str, float] = {}
@@ -606,14 +648,15 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
             st = self.state[t.param]
             for s in range(0, flat.numel(), CHUNK):
                 w = flat[s : s + CHUNK]
-                d = torch.zeros(len(w), device=w.device)
-                for key, coef in mine:
+                d = self.perturber.z(t, mine[0][0], s, len(w), w).mul_(mine[0][1])
+                for key, coef in mine[1:]:
                     d.add_(self.perturber.z(t, key, s, len(w), w), alpha=coef)
                 if add:  # zo-cons: the chosen candidate, W + s z
                     new = w.float().add_(d)
                 else:
                     new = self._rule(w, d, st, t.param, s, lr, wd, step)
-                w.copy_(new.to(w.dtype))
+                if new.data_ptr() != w.data_ptr():  # fp32 weights were updated in place
+                    w.copy_(new.to(w.dtype))
 
     def _rule(self, w, d, st, param, s: int, lr: float, wd: float, step: int) -> torch.Tensor:
         c, n = self.cfg, len(w)
@@ -648,10 +691,26 @@ def _buffer(state: dict[str, Any], name: str, param: torch.Tensor) -> torch.Tens
 
 
 def _quantile_abs(w: torch.Tensor, q: float) -> torch.Tensor:
-    """The q-quantile of |w| (kthvalue: torch.quantile refuses more than 16M elements)."""
-    flat = w.reshape(-1).abs().float()
-    k = min(flat.numel(), max(1, round(q * flat.numel())))
-    return flat.kthvalue(k).values.to(w.dtype)
+    """The q-quantile of |w| (the k-th smallest, k = round(q n)), found by bisection on the
+    float bit pattern with chunked counts, so no sorted copy of a large tensor is made."""
+    flat = w.detach().reshape(-1)
+    n = flat.numel()
+    k = min(n, max(1, round(q * n)))
+    if n <= CHUNK:
+        return flat.abs().float().kthvalue(k).values.to(w.dtype)
+
+    def count(v: float) -> int:  # elements with |w| <= v
+        return sum(int((flat[i : i + CHUNK].abs() <= v).sum()) for i in range(0, n, CHUNK))
+
+    lo, hi = 0, 0x7F800000  # bit patterns of 0.0 and +inf (non-negative floats sort as ints)
+    while lo < hi:  # smallest pattern whose value has at least k elements at or below it
+        mid = (lo + hi) // 2
+        v = float(torch.tensor(mid, dtype=torch.int32).view(torch.float32))
+        if count(v) >= k:
+            hi = mid
+        else:
+            lo = mid + 1
+    return torch.tensor(lo, dtype=torch.int32).view(torch.float32).to(w.dtype)
 
 
 # --- registered methods ----------------------------------------------------------------------
@@ -681,12 +740,16 @@ class ZerothOrder(OptimizerMethod):
         """Gradient sparsity: this fraction of z's entries, drawn afresh each step, is zero."""
         seed: int = 0
         """Seed of the perturbations."""
+        pool_bits: int = 22
+        """z is cut from a pool of 2**pool_bits noise draws (16 MiB at 22) in blocks of 65,536 at random offsets (fast); 0: every entry from the counter-based generator (exact i.i.d., several times slower on CPU)."""
 
         def __post_init__(self) -> None:
             if self.eps <= 0:
                 raise ValueError(f"eps must be > 0, got {self.eps}")
             if self.samples < 1 or self.samples >= 4096:
                 raise ValueError(f"samples must be in 1..4095, got {self.samples}")
+            if self.pool_bits and not 17 <= self.pool_bits <= 30:
+                raise ValueError(f"pool_bits must be 0 or in 17..30, got {self.pool_bits}")
             if not 0 <= self.mask_ratio < 1:
                 raise ValueError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
 
