@@ -1,17 +1,24 @@
 """Layer and parameter selection methods against full fine-tuning and LoRA (SmolLM2-135M, CPU).
 
-Every row fine-tunes the bundled fp32 SmolLM2-135M-Instruct on the demo task (SST-2 prompt and
-label words, batch 4, at most 256 tokens) for the same number of steps with AdamW (OwLore+GaLore:
-GaLore), each in a fresh subprocess (peak RSS = its own ``ru_maxrss`` via ``os.wait4``), then
-scores held-out accuracy and loss. LISA and OwLore re-sample every ``--interval`` steps; the
-run is long enough for ``--switches`` switches, and the table compares the peak RSS at the end
-with the peak at the end of the first interval (from ``metrics.jsonl``, where ``peak_mem_mb``
-is the high-water mark so far). ``train.trim_memory`` is on for every row, so that heap
-fragmentation does not mask what each method keeps.
+Every row fine-tunes the bundled fp32 SmolLM2-135M-Instruct with AdamW (OwLore+GaLore: GaLore)
+for the same number of steps, twice, each run in a fresh subprocess (peak RSS = its own
+``ru_maxrss`` via ``os.wait4``):
+
+1. memory and speed: batch 4 x 256 tokens packed from the SST-2 validation sentences, so every
+   step has the same shape and only what a method keeps can move the peak; no evaluation.
+   LISA and OwLore re-sample every ``--interval`` steps; the run is long enough for
+   ``--switches`` switches, and the table compares the peak RSS at the end with the peak at the
+   end of the first interval (from ``metrics.jsonl``, where ``peak_mem_mb`` is the high-water
+   mark so far).
+2. held-out metric: the demo task (SST-2 prompt and label words, batch 4, at most 256 tokens),
+   the same number of steps, then held-out accuracy and loss.
+
+``train.trim_memory`` is on for every row, so that heap fragmentation does not mask what each
+method keeps.
 
     .venv/bin/python benchmarks/selection_methods.py --out bench-out/selection.md
 
-About 2 minutes a row on 2 cores at the defaults (21 steps, 128 held-out examples).
+About 3 minutes a row on 2 cores at the defaults (21 steps, 128 held-out examples).
 """
 
 from __future__ import annotations
@@ -57,13 +64,23 @@ ROWS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {  # row -> (params, op
 SAMPLED = {"LISA (gamma 2)", "OwLore (gamma 2)", "OwLore+GaLore (gamma 2)"}
 
 
-def recipe(row: str, steps: int, interval: int, eval_size: int, out: str) -> dict[str, Any]:
+def recipe(
+    row: str, part: str, steps: int, interval: int, eval_size: int, out: str
+) -> dict[str, Any]:
     params, optim = (dict(x) for x in ROWS[row])
     if row in SAMPLED:
         params["interval"] = interval
-    return {
-        "model": {"name": "smollm2-135m", "dtype": "fp32", "device": "cpu"},
-        "data": {
+    if part == "memory":
+        data: dict[str, Any] = {
+            "path": SST2,
+            "format": "text",
+            "columns": {"text": "sentence"},
+            "max_seq_len": 256,
+            "packing": True,
+            "eval_size": 0,
+        }
+    else:
+        data = {
             "path": SST2,
             "format": "classification",
             "columns": {"text": "sentence"},
@@ -74,7 +91,10 @@ def recipe(row: str, steps: int, interval: int, eval_size: int, out: str) -> dic
             "max_seq_len": 256,
             "eval_size": eval_size,
             "seed": 0,
-        },
+        }
+    return {
+        "model": {"name": "smollm2-135m", "dtype": "fp32", "device": "cpu"},
+        "data": data,
         "params": params,
         "optimizer": optim,
         "train": {
@@ -96,7 +116,13 @@ def worker(spec_path: Path) -> None:
     spec = json.loads(spec_path.read_text())
     from slimtune import config, loop
 
-    result = loop.train(config.from_dict(spec["recipe"]))
+    retained: list[float] = []
+
+    def on_step(step: int, model: Any, row: dict[str, Any] | None) -> None:
+        if row is not None:  # resident memory between steps: what the method keeps
+            retained.append(int(Path("/proc/self/statm").read_text().split()[1]) * 4096 / 2**20)
+
+    result = loop.train(config.from_dict(spec["recipe"]), on_step=on_step)
     rows = [
         json.loads(x)
         for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()
@@ -106,6 +132,7 @@ def worker(spec_path: Path) -> None:
     out = {
         "step_s": [r["step_s"] for r in rows],
         "peak_mb": [r["peak_mem_mb"] for r in rows],
+        "retained_mb": retained,
         "trainable_fraction": result.summary["trainable_fraction"],
         "eval_loss": after.get("loss"),
         "eval_accuracy": after.get("accuracy"),
@@ -113,15 +140,45 @@ def worker(spec_path: Path) -> None:
     Path(spec["result"]).write_text(json.dumps(out))
 
 
-def run_row(row: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    rec = recipe(row, args.steps, args.interval, args.eval_size, str(work / "run"))
-    return run_worker(__file__, row, rec, work)
+def run_row(row: str, args: argparse.Namespace, reuse: dict[str, Any] | None) -> dict[str, Any]:
+    """The memory/speed run, then the held-out-metric run, each in a fresh process (the metric
+    taken from ``reuse``, an earlier result of the same metric recipe, when given)."""
+    res: dict[str, Any] = {}
+    steps = {
+        "memory": args.interval * args.switches + 1 if row in SAMPLED else args.fixed_steps,
+        "metric": args.metric_steps,
+    }
+    for part in ("memory", "metric"):
+        if part == "metric" and reuse is not None:
+            res[part] = reuse
+            continue
+        with tempfile.TemporaryDirectory(prefix="selection-bench-") as tmp:
+            work = Path(tmp)
+            rec = recipe(row, part, steps[part], args.interval, args.eval_size, str(work / "run"))
+            res[part] = run_worker(__file__, row, rec, work)
+    m = res["memory"]
+    return {
+        **{k: m[k] for k in ("step_s", "peak_mb", "retained_mb", "trainable_fraction", "peak_rss")},
+        "eval_loss": res["metric"]["eval_loss"],
+        "eval_accuracy": res["metric"]["eval_accuracy"],
+        "metric_reused": reuse is not None,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--interval", type=int, default=2, help="LISA/OwLore steps per sample")
+    parser.add_argument("--interval", type=int, default=5, help="LISA/OwLore steps per sample")
     parser.add_argument("--switches", type=int, default=10)
+    parser.add_argument(
+        "--fixed-steps", type=int, default=11, help="memory/speed steps of the other rows"
+    )
+    parser.add_argument("--metric-steps", type=int, default=21, help="steps before the metric")
+    parser.add_argument(
+        "--metric-from",
+        type=Path,
+        help="JSON of an earlier run: take the held-out metric of rows not sampling layers "
+        "from it (their metric recipe does not depend on --interval)",
+    )
     parser.add_argument("--eval-size", type=int, default=128)
     parser.add_argument("--rows", default=",".join(ROWS))
     parser.add_argument("--out", type=Path, default=Path("bench-out/selection_methods.md"))
@@ -130,13 +187,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.worker:
         worker(args.worker)
         return
-    args.steps = args.interval * args.switches + 1
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    earlier = json.loads(args.metric_from.read_text()) if args.metric_from else {}
     results: dict[str, dict[str, Any]] = {}
     for row in rows:
         t = time.perf_counter()
-        with tempfile.TemporaryDirectory(prefix="selection-bench-") as tmp:
-            results[row] = run_row(row, args, Path(tmp))
+        results[row] = run_row(row, args, None if row in SAMPLED else earlier.get(row))
         r = results[row]
         print(
             f"{row}: peak {r['peak_rss'] / 1e9:.2f} GB, acc {r['eval_accuracy']:.4f}, "
@@ -147,14 +203,23 @@ def main(argv: list[str] | None = None) -> None:
         "# Layer and parameter selection methods (SmolLM2-135M, CPU)",
         "",
         f"{time.strftime('%Y-%m-%d %H:%M')} on {platform.machine()}, {os.cpu_count()} CPUs; "
-        f"demo task (SST-2 prompt), fp32, batch 4 (at most 256 tokens), {args.steps} steps, "
-        f"constant lr, train.trim_memory on; each row a fresh process; held-out "
-        f"{args.eval_size} examples; LISA/OwLore re-sample every {args.interval} steps "
-        f"({args.switches} switches).",
+        "fp32, constant lr, train.trim_memory on, each run a fresh process. Peak RSS and "
+        "s/step: batch 4 x 256 tokens packed (SST-2 sentences), no evaluation, "
+        f"{args.interval * args.switches + 1} steps for LISA/OwLore (re-sampling every "
+        f"{args.interval} steps: {args.switches} switches), {args.fixed_steps} for the others; "
+        "retained = resident memory between steps (what a method keeps), peak = high-water "
+        f"mark. Held-out accuracy/loss: a second run of {args.metric_steps} steps on the demo "
+        f"task (SST-2 prompt, batch 4, at most 256 tokens), {args.eval_size} held-out examples"
+        + (
+            f" (rows without layer sampling: from {args.metric_from.name}, same recipe)."
+            if args.metric_from
+            else "."
+        ),
         "",
         "| method | trainable | peak RSS (GB) | peak vs full | s/step (median) | vs full "
-        "| held-out acc | held-out loss | peak after switches / first interval |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| held-out acc | held-out loss | peak after switches / first interval "
+        "| retained after switches / first interval |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     full = results.get("full AdamW")
     checks = []
@@ -162,11 +227,12 @@ def main(argv: list[str] | None = None) -> None:
         med = statistics.median(r["step_s"][1:])
         ratio_peak = r["peak_rss"] / full["peak_rss"] if full else float("nan")
         ratio_time = med / statistics.median(full["step_s"][1:]) if full else float("nan")
-        growth = ""
+        growth = kept = ""
         if row in SAMPLED:
             first = r["peak_mb"][args.interval - 1]
             g = r["peak_mb"][-1] / first
             growth = f"{g:.3f}x"
+            kept = f"{r['retained_mb'][-1] / max(r['retained_mb'][: args.interval]):.3f}x"
             checks.append(
                 f"- {'PASS' if g <= 1.05 else 'FAIL'} {row}: peak after {args.switches} switches "
                 f"<= 1.05x its first-interval peak: {g:.3f}x; vs full FT {ratio_peak:.2f}x"
@@ -174,7 +240,7 @@ def main(argv: list[str] | None = None) -> None:
         lines.append(
             f"| {row} | {r['trainable_fraction']:.2%} | {r['peak_rss'] / 1e9:.2f} | "
             f"{ratio_peak:.2f}x | {med:.2f} | {ratio_time:.2f}x | {r['eval_accuracy']:.4f} | "
-            f"{r['eval_loss']:.4f} | {growth} |"
+            f"{r['eval_loss']:.4f} | {growth} | {kept} |"
         )
     if full and "S2FT" in results:
         s = statistics.median(results["S2FT"]["step_s"][1:])

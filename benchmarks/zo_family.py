@@ -54,10 +54,10 @@ DEMO_ROWS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
         },
         {"name": "mezo", "lr": 1e-3, "eps": 1e-2},
     ),
-    "mezo over full weights": ({"name": "full"}, {"name": "mezo", "lr": 1e-5, "eps": 1e-3}),
+    "mezo over full weights": ({"name": "full"}, {"name": "mezo", "lr": 5e-6, "eps": 1e-3}),
     "sparse-mezo over full weights": (
         {"name": "full"},
-        {"name": "sparse-mezo", "lr": 1e-5, "eps": 1e-3, "sparsity": 0.75},
+        {"name": "sparse-mezo", "lr": 5e-6, "eps": 1e-3, "sparsity": 0.75},
     ),
 }
 
@@ -107,7 +107,7 @@ def demo_recipe(row: str, steps: int, eval_size: int, out: str) -> dict[str, Any
         "optimizer": optim,
         "train": {
             "steps": 1 if row == "zero-shot" else steps,
-            "batch_size": 16,
+            "batch_size": 8,
             "schedule": "constant",
             "warmup_steps": 0,
             "progress": False,
@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--table", action="store_true")
     parser.add_argument("--demo", action="store_true")
     parser.add_argument("--steps", type=int, default=8, help="table: steps per row (1 warm-up)")
-    parser.add_argument("--demo-steps", type=int, default=200)
+    parser.add_argument("--demo-steps", type=int, default=150)
     parser.add_argument("--eval-size", type=int, default=200)
     parser.add_argument("--rows", default=None, help="comma-separated subset of rows")
     parser.add_argument("--out", type=Path, default=Path("bench-out/zo_family.md"))
@@ -287,7 +287,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{name}: acc {r['eval_accuracy']:.4f} loss {r['eval_loss']:.4f}", flush=True)
         raw["demo"] = res
         lines += [
-            f"## Demo task: held-out accuracy after {args.demo_steps} steps (batch 16, constant lr)",
+            f"## Demo task: held-out accuracy after {args.demo_steps} steps (batch 8, constant lr)",
             "",
             f"SST-2 prompt and label words (`slimtune demo`'s task), {args.eval_size} held-out "
             "examples, fp32, model in eval mode for every forward. Zero-shot = the untrained "
