@@ -182,6 +182,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-size", type=int, default=128)
     parser.add_argument("--rows", default=",".join(ROWS))
     parser.add_argument("--out", type=Path, default=Path("bench-out/selection_methods.md"))
+    parser.add_argument(
+        "--metric-reuse-all",
+        action="store_true",
+        help="with --metric-from: reuse the metric of the layer-sampling rows too (their earlier "
+        "run may have used another --interval; the table says so)",
+    )
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -192,7 +198,8 @@ def main(argv: list[str] | None = None) -> None:
     results: dict[str, dict[str, Any]] = {}
     for row in rows:
         t = time.perf_counter()
-        results[row] = run_row(row, args, None if row in SAMPLED else earlier.get(row))
+        reuse = earlier.get(row) if args.metric_reuse_all or row not in SAMPLED else None
+        results[row] = run_row(row, args, reuse)
         r = results[row]
         print(
             f"{row}: peak {r['peak_rss'] / 1e9:.2f} GB, acc {r['eval_accuracy']:.4f}, "
@@ -211,7 +218,7 @@ def main(argv: list[str] | None = None) -> None:
         f"mark. Held-out accuracy/loss: a second run of {args.metric_steps} steps on the demo "
         f"task (SST-2 prompt, batch 4, at most 256 tokens), {args.eval_size} held-out examples"
         + (
-            f" (rows without layer sampling: from {args.metric_from.name}, same recipe)."
+            f" (from {args.metric_from.name}: {'all rows, LISA/OwLore there with their own interval' if args.metric_reuse_all else 'rows without layer sampling, same recipe'})."
             if args.metric_from
             else "."
         ),

@@ -52,7 +52,7 @@ DEMO_ROWS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
             "alpha": 16,
             "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
         },
-        {"name": "mezo", "lr": 1e-3, "eps": 1e-2},
+        {"name": "mezo", "lr": 1e-4, "eps": 1e-2},
     ),
     "mezo over full weights": ({"name": "full"}, {"name": "mezo", "lr": 5e-6, "eps": 1e-3}),
     "sparse-mezo over full weights": (
