@@ -305,3 +305,10 @@ def test_mezo_over_params_methods(tmp_path, cls_data, params):
         if n not in ever:
             assert torch.equal(after[n], old), f"frozen {n} changed"
     assert any(not torch.equal(after[n], before[n]) for n in ever)
+
+
+def test_no_wrapper_outlives_a_step(tmp_path, cls_data):
+    """After training, no module keeps a zeroth-order forward wrapper (a deep copy for merge or
+    export would otherwise call the original modules)."""
+    result = train(tiny_zo(tmp_path / "run", cls_data, steps=2))
+    assert not [m for m in result.model.modules() if "forward" in m.__dict__]

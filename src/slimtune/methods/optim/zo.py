@@ -203,7 +203,10 @@ class Perturber:
         try:
             yield
         finally:
+            # Never leave wrappers behind: a deep copy of the model (merge, export) would keep
+            # closures that call the original modules.
             self.pass_ = None
+            self.remove()
 
     def _wrap(self, module: nn.Module, names: list[str], forward: Callable) -> Callable:
         def wrapped(*args: Any, **kwargs: Any) -> Any:
