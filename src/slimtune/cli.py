@@ -1,4 +1,4 @@
-"""``slimtune train|eval|merge|methods|demo``. User errors print one line and exit with code 2."""
+"""``slimtune train|fed|eval|merge|methods|demo``. User errors print one line and exit with code 2."""
 
 from __future__ import annotations
 
@@ -157,6 +157,73 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def print_fed_report(summary: dict[str, Any]) -> None:
+    before, after = summary.get("eval_before") or {}, summary.get("eval_after") or {}
+    keys = [k for k in ("accuracy", "loss", "perplexity") if k in before or k in after]
+    print(
+        f"\n{summary['strategy']} ({summary['params']} + {summary['optimizer']}) on "
+        f"{summary['model']}: {summary['rounds']} rounds, {summary['clients']} clients, "
+        f"{summary['local_steps']} local steps per round"
+    )
+    if keys:
+        print(f"{'held-out':<12}{'before':>10}{'after':>10}")
+        for k in keys:
+            print(f"{k:<12}{_fmt(before.get(k, '-')):>10}{_fmt(after.get(k, '-')):>10}")
+    up, down = summary["bytes_up_per_client_round"], summary["bytes_down_per_client_round"]
+    line = (
+        f"bytes per client per round: up {up['mean'] / 1024:.1f} KB, "
+        f"down {down['mean'] / 1024:.1f} KB (serialised Flower messages)"
+    )
+    if "uplink_compression" in summary:
+        line += f"; uplink {summary['uplink_compression']:.1f}x smaller than raw tensors"
+    print(line)
+    if summary.get("dropped_or_failed"):
+        print(f"clients dropped or failed: {summary['dropped_or_failed']}")
+    print(f"wall time {summary['wall_seconds']:.0f} s")
+
+
+def cmd_fed(args: argparse.Namespace) -> int:
+    from . import config
+
+    recipe, overrides = _split_recipe(args.args)
+    cfg = config.load(recipe, overrides)
+    _quiet()
+    try:
+        import flwr  # noqa: F401
+    except ImportError:
+        raise SlimtuneError(
+            "slimtune fed needs Flower: pip install 'slimtune[fed]' (flwr[simulation])"
+        ) from None
+    from .federated import core
+
+    core.validate(cfg)
+    if args.superlink:
+        from .federated import deploy
+
+        cfg.output_dir = str(Path(cfg.output_dir).resolve())
+        status = deploy.submit(
+            config.dump(cfg),
+            args.superlink,
+            insecure=args.insecure,
+            root_certificates=args.root_certificates,
+            timeout=args.timeout,
+        )
+        print(f"slimtune fed: run {status}")
+        summary_file = Path(cfg.output_dir) / "summary.json"
+        if status == "finished:completed" and summary_file.is_file():
+            print_fed_report(json.loads(summary_file.read_text()))
+            print(f"run directory: {cfg.output_dir}")
+        return 0 if status == "finished:completed" else 1
+    os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    from .federated.app import simulate
+
+    summary = simulate(cfg)
+    print_fed_report(summary)
+    print(f"run directory: {cfg.output_dir}")
+    return 0
+
+
 def cmd_methods(args: argparse.Namespace) -> int:
     from . import registry
     from .config import field_docs
@@ -185,6 +252,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="a recipe file (optional), then overrides such as train.steps=10 params.r=4",
     )
     t.set_defaults(fn=cmd_train)
+    f = sub.add_parser(
+        "fed",
+        help="federated fine-tuning on Flower: slimtune fed RECIPE.yaml [key=value ...] "
+        "(simulation; --superlink HOST:PORT submits to a deployment)",
+    )
+    f.add_argument("args", nargs="*", metavar="RECIPE.yaml [key=value ...]")
+    f.add_argument("--superlink", help="HOST:PORT of a running SuperLink (deployment mode)")
+    f.add_argument("--insecure", action="store_true", help="deployment without TLS")
+    f.add_argument("--root-certificates", help="CA certificate (PEM) of the SuperLink's TLS")
+    f.add_argument(
+        "--timeout", type=float, default=0.0, help="deployment: seconds to wait (0: no limit)"
+    )
+    f.set_defaults(fn=cmd_fed)
     d = sub.add_parser(
         "demo", help="LoRA on the bundled SmolLM2-135M, SST-2, held-out accuracy before/after"
     )

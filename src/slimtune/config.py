@@ -126,6 +126,52 @@ class EvalConfig:
 
 
 @dataclass
+class FederatedConfig:
+    strategy: Literal["fedavg", "fedkseed", "ferret"] = "fedavg"
+    """fedavg: weighted average of the trainable state; fedkseed: MeZO steps on K shared seeds, only {seed: scalar} travels; ferret: first-order steps, update sent as coordinates on shared random directions."""
+    rounds: int = 3
+    """Federated rounds; each client runs train.steps local steps per round."""
+    clients: int = 2
+    """Number of clients (simulation: virtual SuperNodes; deployment: partitions)."""
+    clients_per_round: int = 0
+    """Clients sampled each round (0: all connected)."""
+    min_clients: int = 1
+    """A round needs at least this many clients to be sampled, and this many accepted updates to change the global model."""
+    round_timeout: float = 0.0
+    """Seconds to wait for replies in a round (0: no limit); late clients count as dropped."""
+    partition: Literal["iid", "dirichlet", "files"] = "iid"
+    """How data.path is split over clients: iid, dirichlet over labels (classification data), or files (one file per client)."""
+    alpha: float = 0.5
+    """Dirichlet concentration: small values give skewed label mixes."""
+    files: list[str] = field(default_factory=list)
+    """partition=files: one data file per client, read with the data section's settings."""
+    lora_aggregation: Literal["product", "separate"] = "product"
+    """fedavg of LoRA pairs: product averages the updates B A and re-factorises them by SVD (the best rank-r fit of the average); separate averages A and B on their own (FS-LLM), which is not the average of B A."""
+    compress: Literal["none", "compeft"] = "none"
+    """Uplink compression of adapter updates: compeft keeps the top density fraction of each update by magnitude as sign bits and one scale per tensor."""
+    compeft_density: float = 0.1
+    """ComPEFT: fraction of each update's entries kept."""
+    seeds: int = 4096
+    """fedkseed: K candidate seeds; ferret: seeds per round shared by the tensors."""
+    seed_sampling: Literal["uniform", "pro"] = "uniform"
+    """fedkseed: draw seeds uniformly or with FedKSeed-Pro probabilities (from the accumulated scalars)."""
+    server_lr: float = 1.0
+    """ferret: the server moves the weights by server_lr times the averaged reconstructed update."""
+    clip: float = 0.0
+    """ferret: clip the norm of each tensor's reconstructed update to this (0: no clipping)."""
+    memory_budgets_mb: list[float] = field(default_factory=list)
+    """Heterogeneous clients: one memory budget per client (MB); each client gets the largest LoRA rank in `ranks` and batch in `batch_sizes` whose estimate fits."""
+    ranks: list[int] = field(default_factory=lambda: [4, 8, 16])
+    """Heterogeneous clients: LoRA ranks to choose from."""
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
+    """Heterogeneous clients: batch sizes to choose from."""
+    seed: int = 0
+    """Seed of partitioning, client sampling and the shared random directions."""
+    cpus_per_client: float = 1.0
+    """Simulation: CPU cores reserved per virtual client."""
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     """The base model."""
@@ -139,6 +185,8 @@ class RunConfig:
     """The loop's settings."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Held-out evaluation."""
+    federated: FederatedConfig = field(default_factory=FederatedConfig)
+    """`slimtune fed` only: strategy, rounds, clients, partitioning."""
     output_dir: str = "runs/latest"
     """Run directory: resolved config, metrics.jsonl, summary.json, checkpoints, final artefacts."""
     overwrite: bool = False

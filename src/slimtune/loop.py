@@ -48,6 +48,23 @@ class RunResult:
     model: torch.nn.Module  # trained, unwrapped (adapters not merged)
     tokenizer: Any
     method: ParamsMethod
+    optimizer: torch.optim.Optimizer | None = None
+
+
+@dataclass
+class LocalRound:
+    """How a federated client runs the loop for one round (see ``federated/``).
+
+    ``base`` is a loaded (model, tokenizer) pair the run may modify (the caller passes a copy);
+    ``trainable`` is the state loaded into the prepared model before the first step;
+    ``position`` is where the client's data order continues from; ``setup(model, optimizer)``
+    runs once before the first step; no final artefacts are written.
+    """
+
+    base: tuple[torch.nn.Module, Any]
+    trainable: dict[str, torch.Tensor] | None = None
+    position: int = 0
+    setup: Callable[[torch.nn.Module, torch.optim.Optimizer], None] | None = None
 
 
 def _check_output_dir(cfg: RunConfig) -> Path:
@@ -100,6 +117,7 @@ def train(
     *,
     on_step: Callable[[int, torch.nn.Module, dict[str, Any] | None], None] | None = None,
     splits: Splits | None = None,
+    local: LocalRound | None = None,
 ) -> RunResult:
     """Run a recipe. Bad input raises SlimtuneError before anything is written.
 
@@ -124,15 +142,20 @@ def train(
     )
     rank, world = accelerator.process_index, accelerator.num_processes
     set_seed(tc.seed)
-    model, tok = load_model(
-        cfg.model.name,
-        cfg.model.dtype,
-        device=None,
-        trust_remote_code=cfg.model.trust_remote_code,
-        attn_implementation=cfg.model.attn_implementation,
-    )
+    if local is not None:
+        model, tok = local.base
+    else:
+        model, tok = load_model(
+            cfg.model.name,
+            cfg.model.dtype,
+            device=None,
+            trust_remote_code=cfg.model.trust_remote_code,
+            attn_implementation=cfg.model.attn_implementation,
+        )
     splits = splits or load_splits(cfg.data, tok)
     batches = Batches(splits.train, tc.batch_size, tc.seed, rank, world)
+    if local is not None and local.position:
+        batches.seek(local.position)
     steps = total_steps(cfg, len(splits.train), world)
 
     method: ParamsMethod = registry.get("params", cfg.params.name)(cfg.params)
@@ -161,6 +184,8 @@ def train(
             model.activation_checkpointing_enable(
                 activation_checkpointing_kwargs={"use_reentrant": False}
             )
+        if local is not None and local.trainable is not None:
+            method.load_trainable_state(model, local.trainable)
         n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         n_total = sum(p.numel() for p in model.parameters())
         if n_trainable == 0:
@@ -192,6 +217,8 @@ def train(
                 )
             optimizer.loss_chunk_tokens = tc.loss_chunk_tokens
         raw_optimizer = optimizer
+        if local is not None and local.setup is not None:
+            local.setup(model, optimizer)
         scheduler = get_scheduler(
             SCHEDULES[tc.schedule],
             optimizer,
@@ -270,8 +297,8 @@ def train(
         micro = [batches.next(tok.pad_token_id) for _ in range(tc.grad_accum)]
         # Normalise by the target tokens of the whole step on all processes, so that the update
         # does not depend on how the step is split into micro-batches or processes.
-        local = torch.tensor([sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)])
-        n_targets = int(accelerator.reduce(local.to(accelerator.device), "sum").item())
+        mine = torch.tensor([sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)])
+        n_targets = int(accelerator.reduce(mine.to(accelerator.device), "sum").item())
         step_tokens = torch.tensor([sum(int(b["attention_mask"].sum()) for b in micro)])
         step_tokens = int(accelerator.reduce(step_tokens.to(accelerator.device), "sum").item())
         loss_sum = torch.zeros((), device=accelerator.device)
@@ -394,7 +421,7 @@ def train(
         "eval_after": eval_after,
         "wall_seconds": time.perf_counter() - t_start,
     }
-    if main:
+    if main and local is None:
         final = checkpoint.atomic_dir(run_dir / "final")
         try:
             method.save(plain, tok, final)
@@ -406,10 +433,11 @@ def train(
                 item.replace(target)
         finally:
             shutil.rmtree(final, ignore_errors=True)
+    if main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         metrics_file.close()
         shutil.rmtree(run_dir / ".work", ignore_errors=True)
     if tc.report_to:
         accelerator.end_training()
     accelerator.wait_for_everyone()
-    return RunResult(run_dir, summary, plain, tok, method)
+    return RunResult(run_dir, summary, plain, tok, method, raw_optimizer)

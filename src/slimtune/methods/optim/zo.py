@@ -511,6 +511,9 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
         self.step_info: dict[str, float] = {}
         self._here: float | None = None
         self._last_terms: list = []
+        # A federated runner (FedKSeed) may choose each step's noise key from a shared set of
+        # candidates: ``key_source(step) -> key`` (one sample, one block).
+        self.key_source: Callable[[int], tuple[int, int]] | None = None
 
     @property
     def loss_chunk_tokens(self) -> int:
@@ -538,6 +541,8 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
 
     # --- estimate --------------------------------------------------------------------------
     def _key(self, step: int, sample: int, block: int) -> tuple[int, int]:
+        if self.key_source is not None:
+            return self.key_source(step)
         return (self.cfg.seed, (step << 24) | (sample << 12) | block)
 
     def _losses(self, closure: Callable, spec: _Pass) -> list[float]:

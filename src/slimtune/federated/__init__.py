@@ -1,0 +1,1 @@
+"""Federated fine-tuning on Flower: ``slimtune fed`` (strategies fedavg, fedkseed, ferret)."""
