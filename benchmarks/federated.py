@@ -6,7 +6,7 @@ zero-shot metric of the same held-out set. Each row is one ``slimtune fed`` simu
 its own process.
 
     .venv/bin/python benchmarks/federated.py --out bench-out/federated.md
-    .venv/bin/python benchmarks/federated.py --rows fedkseed --rounds 2
+    .venv/bin/python benchmarks/federated.py --rows "fedkseed;ferret" --rounds 2
 
 Targets (issue 6): fedkseed <= 18 KB per client per round at K=4096 and 200 local steps;
 ComPEFT >= 8x smaller uplink than raw adapters; every strategy above zero-shot.
@@ -31,7 +31,7 @@ LORA = {"name": "lora", "r": 8, "alpha": 16, "target_modules": ["q_proj", "v_pro
 # name: (optimizer, train overrides, federated overrides)
 ROWS: dict[str, tuple[dict, dict, dict]] = {
     "fedavg LoRA": ({"name": "adamw", "lr": 1e-3}, {"steps": 20}, {"strategy": "fedavg"}),
-    "fedavg LoRA, separate A/B": (
+    "fedavg LoRA (A, B averaged apart)": (
         {"name": "adamw", "lr": 1e-3},
         {"steps": 20},
         {"strategy": "fedavg", "lora_aggregation": "separate"},
@@ -94,7 +94,7 @@ def kb(x: float) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--worker")
-    parser.add_argument("--rows", default=",".join(ROWS))
+    parser.add_argument("--rows", default=";".join(ROWS), help="row names separated by ;")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--clients", type=int, default=2)
     parser.add_argument("--eval-size", type=int, default=200)
@@ -104,7 +104,7 @@ def main() -> None:
     if args.worker:
         worker(args.worker)
         return
-    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    rows = [r.strip() for r in args.rows.split(";") if r.strip()]
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
         parser.error(f"unknown rows {unknown}; choose from {list(ROWS)}")

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from slimtune import config
@@ -67,3 +69,14 @@ def test_errors_name_the_field(data, message):
     with pytest.raises(SlimtuneError, match=None) as err:
         config.from_dict(data)
     assert message in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "recipe", sorted((Path(__file__).parents[1] / "examples").glob("*.yaml")), ids=lambda p: p.name
+)
+def test_example_recipes_validate(recipe):
+    cfg = config.load(recipe)
+    if "federated" in config.read_yaml(recipe):
+        from slimtune.federated.core import validate
+
+        validate(cfg)

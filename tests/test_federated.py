@@ -20,6 +20,7 @@ from slimtune.federated import core, partition, seeds
 from slimtune.loop import train
 
 from .conftest import tiny_recipe, write_jsonl
+from .test_contract import NEEDS_CUDA, VARIANTS, method_of
 
 LORA = {"name": "lora", "r": 4}
 SGD_CONSTANT = {"steps": 2, "batch_size": 2, "schedule": "constant"}
@@ -421,6 +422,30 @@ def test_simulation_continues_when_a_client_drops(cls_data, tmp_path):
 
 
 @pytest.mark.slow
+def test_simulation_is_reproducible_from_the_seeds(cls_data, tmp_path):
+    """Partial participation (1 of 2 clients per round) samples the same partitions and ends
+    with the same adapter, bitwise, in two runs (Flower draws new node ids every run)."""
+    runs = []
+    for i in range(2):
+        out = tmp_path / f"run{i}"
+        recipe = tiny_recipe(
+            cls_data,
+            out,
+            params=LORA,
+            train={"steps": 1, "batch_size": 2},
+            federated={"clients": 2, "clients_per_round": 1, "rounds": 3, "seed": 5},
+        )
+        res = fed_cli(recipe, tmp_path)
+        assert res.returncode == 0, res.stderr[-3000:]
+        rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        runs.append(
+            ([r["partitions"] for r in rows[1:]], (out / "adapter_model.safetensors").read_bytes())
+        )
+    assert runs[0] == runs[1]
+    assert len({tuple(p) for p in runs[0][0]}) == 2  # both partitions were sampled
+
+
+@pytest.mark.slow
 def test_deployment_superlink_and_two_supernodes_on_loopback(cls_data, tmp_path):
     from slimtune.federated.deploy import flower_env
 
@@ -456,3 +481,25 @@ def test_fed_cli_rejects_bad_settings_in_one_line(cls_data, tmp_path):
     assert res.stderr.strip().count("\n") == 0 and "mezo" in res.stderr
     res = fed_cli(recipe, tmp_path, "federated.rounds=0")
     assert res.returncode == 2 and "federated.rounds" in res.stderr
+    res = fed_cli(tiny_recipe(tmp_path / "nope.jsonl", tmp_path / "o"), tmp_path)
+    assert res.returncode == 2 and "nope.jsonl" in res.stderr
+    assert "Traceback" not in res.stderr and not (tmp_path / "o").exists()
+
+
+# --- every params method ---------------------------------------------------------------------
+
+FED_CASES = [v for v in sorted(VARIANTS) if v not in NEEDS_CUDA]
+
+
+@pytest.mark.parametrize("variant", FED_CASES)
+def test_fedavg_exchanges_the_trainable_state_of_every_params_method(cls_data, tmp_path, variant):
+    """Two clients, one round: both updates are accepted and the global state moves, keeping
+    its tensors and shapes (for a new method the moment it registers)."""
+    params = {"name": method_of(variant), **VARIANTS[variant]}
+    cfg = make_cfg(cls_data, tmp_path / "o", params=params, train={"steps": 2, "batch_size": 2})
+    server = run_rounds(cfg, 1, [0, 1])
+    state = server.trainable()
+    assert set(state) == set(server.theta0)
+    assert all(state[n].shape == server.theta0[n].shape for n in state)
+    assert any(not torch.equal(state[n], server.theta0[n]) for n in state)
+    assert math.isfinite(server.evaluate()["loss"])

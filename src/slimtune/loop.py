@@ -57,14 +57,17 @@ class LocalRound:
 
     ``base`` is a loaded (model, tokenizer) pair the run may modify (the caller passes a copy);
     ``trainable`` is the state loaded into the prepared model before the first step;
-    ``position`` is where the client's data order continues from; ``setup(model, optimizer)``
-    runs once before the first step; no final artefacts are written.
+    ``position`` is where the client's data order continues from; ``calibration`` replaces the
+    run's own calibration batches (every party must prepare the model alike);
+    ``setup(model, optimizer, method)`` runs once before the first step; no final artefacts
+    are written.
     """
 
     base: tuple[torch.nn.Module, Any]
     trainable: dict[str, torch.Tensor] | None = None
     position: int = 0
-    setup: Callable[[torch.nn.Module, torch.optim.Optimizer], None] | None = None
+    calibration: Callable[[], Any] | None = None
+    setup: Callable[[torch.nn.Module, torch.optim.Optimizer, ParamsMethod], None] | None = None
 
 
 def _check_output_dir(cfg: RunConfig) -> Path:
@@ -168,7 +171,8 @@ def train(
             yield cal.next(tok.pad_token_id)
 
     model.to(accelerator.device)
-    ctx = PrepareContext(tok, work_dir, tc.seed, calibration, extras={"total_steps": steps})
+    source = local.calibration if local is not None and local.calibration else calibration
+    ctx = PrepareContext(tok, work_dir, tc.seed, source, extras={"total_steps": steps})
     # Every process has run _check_output_dir before the main one writes into run_dir (process
     # group creation is not a barrier with every backend, e.g. lazily initialised NCCL).
     accelerator.wait_for_everyone()
@@ -218,7 +222,7 @@ def train(
             optimizer.loss_chunk_tokens = tc.loss_chunk_tokens
         raw_optimizer = optimizer
         if local is not None and local.setup is not None:
-            local.setup(model, optimizer)
+            local.setup(model, optimizer, method)
         scheduler = get_scheduler(
             SCHEDULES[tc.schedule],
             optimizer,

@@ -103,6 +103,11 @@ def make_client_app(recipe: dict | None = None) -> ClientApp:
         content = RecordDict({"arrays": _record(up), "metrics": MetricRecord(metrics)})
         return Message(content=content, reply_to=msg)
 
+    @app.query()
+    def which(msg: Message, context: Context) -> Message:
+        pid = int(context.node_config.get("partition-id", 0))
+        return Message(RecordDict({"node": ConfigRecord({"partition": pid})}), reply_to=msg)
+
     return app
 
 
@@ -116,6 +121,18 @@ def _wait_for_nodes(grid: Grid, want: int, timeout: float) -> list[int]:
         time.sleep(0.5)
         nodes = sorted(grid.get_node_ids())
     return nodes
+
+
+def _partitions(grid: Grid, nodes: list[int], known: dict[int, int], timeout: float) -> None:
+    """Ask nodes not seen before for their partition id (a small query message), so that
+    client sampling and aggregation order follow partitions, not Flower's random node ids."""
+    new = [n for n in nodes if n not in known]
+    if not new:
+        return
+    msgs = [Message(RecordDict(), dst_node_id=n, message_type="query") for n in new]
+    for rep in grid.send_and_receive(msgs, timeout=timeout):
+        if not rep.has_error():
+            known[rep.metadata.src_node_id] = int(rep.content["node"]["partition"])
 
 
 def _reason(text: str) -> str:
@@ -132,14 +149,16 @@ def _stats(values: list[int]) -> dict[str, float]:
     return {"mean": float(np.mean(values)), "max": float(max(values)), "total": float(sum(values))}
 
 
-def run_server(grid: Grid, cfg: RunConfig, node_wait: float = 300.0) -> dict[str, Any]:
+def run_server(
+    grid: Grid, cfg: RunConfig, server: core.Server | None = None, node_wait: float = 300.0
+) -> dict[str, Any]:
     """The federated rounds: send the global state, collect, check, aggregate, evaluate, log.
     Writes config.yaml, metrics.jsonl (one row per round), summary.json and the final
     artefacts of the global model to output_dir."""
     f = cfg.federated
     t_start = time.perf_counter()
     run_dir = _check_output_dir(cfg)
-    server = core.Server(cfg)
+    server = server or core.Server(cfg)
     if cfg.overwrite and run_dir.is_dir():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -153,6 +172,7 @@ def run_server(grid: Grid, cfg: RunConfig, node_wait: float = 300.0) -> dict[str
     before = server.evaluate()
     write({"round": 0, "eval": before})
     rng = np.random.default_rng(f.seed)
+    partitions: dict[int, int] = {}  # node id -> partition id
     ups: list[int] = []
     downs: list[int] = []
     raw_ups: list[int] = []
@@ -173,9 +193,11 @@ def run_server(grid: Grid, cfg: RunConfig, node_wait: float = 300.0) -> dict[str
                     f"federated: {len(nodes)} client(s) connected, fewer than "
                     f"min_clients={f.min_clients}"
                 )
+            _partitions(grid, nodes, partitions, node_wait)
+            nodes = sorted(nodes, key=lambda n: (partitions.get(n, 1 << 62), n))
             k = min(want, len(nodes))
             # Node ids are 64-bit unsigned: choose positions, not values (numpy would cast).
-            chosen = sorted(nodes[int(i)] for i in rng.choice(len(nodes), size=k, replace=False))
+            chosen = [nodes[int(i)] for i in sorted(rng.choice(len(nodes), size=k, replace=False))]
             msgs, down, payload_down = [], [], []
             for n in chosen:
                 arrays, conf = server.payload(rnd, n)
@@ -218,6 +240,7 @@ def run_server(grid: Grid, cfg: RunConfig, node_wait: float = 300.0) -> dict[str
             row = {
                 "round": rnd + 1,
                 "clients": chosen,
+                "partitions": [partitions.get(n) for n in chosen],
                 "replied": len(ok),
                 "failed": failed,
                 "missing": missing,
@@ -278,16 +301,19 @@ def run_server(grid: Grid, cfg: RunConfig, node_wait: float = 300.0) -> dict[str
         server.close()
 
 
-def make_server_app(recipe: dict | None = None, out: dict | None = None) -> ServerApp:
+def make_server_app(
+    recipe: dict | None = None, out: dict | None = None, server: core.Server | None = None
+) -> ServerApp:
     """The ServerApp; ``recipe`` None reads it from the run config (deployment). ``out``
-    receives the summary (simulation: the ServerApp runs in the caller's process)."""
+    receives the summary and ``server`` may be built beforehand (simulation: the ServerApp
+    runs in the caller's process)."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         cfg = _recipe(context, recipe)
         try:
-            summary = run_server(grid, cfg)
+            summary = run_server(grid, cfg, server)
         except SlimtuneError as e:
             if out is not None:
                 out["error"] = str(e)
@@ -304,10 +330,11 @@ def simulate(cfg: RunConfig) -> dict[str, Any]:
 
     core.validate(cfg)
     _check_output_dir(cfg)
+    server = core.Server(cfg)  # bad model or data fail here, before Flower starts
     recipe = cfg.to_dict()
     out: dict[str, Any] = {}
     run_simulation(
-        server_app=make_server_app(recipe, out),
+        server_app=make_server_app(recipe, out, server),
         client_app=make_client_app(recipe),
         num_supernodes=cfg.federated.clients,
         backend_config={

@@ -30,7 +30,7 @@ from ..config import RunConfig
 from ..data import Example, Splits, load_splits
 from ..errors import SlimtuneError
 from ..evaluate import evaluate
-from ..loop import LocalRound, train
+from ..loop import Batches, LocalRound, train
 from ..loss import find_head
 from ..methods.base import PrepareContext
 from ..models import load_model
@@ -54,6 +54,11 @@ def validate(cfg: RunConfig) -> None:
     ]:
         if value < low:
             raise SlimtuneError(f"config: federated.{name}: must be >= {low}, got {value}")
+    if f.clients_per_round > f.clients:
+        raise SlimtuneError(
+            f"config: federated.clients_per_round: {f.clients_per_round} exceeds "
+            f"federated.clients={f.clients}"
+        )
     if f.min_clients > f.clients:
         raise SlimtuneError(
             f"config: federated.min_clients: {f.min_clients} exceeds federated.clients={f.clients}"
@@ -144,12 +149,33 @@ class Base:
             cls._cache[key] = cls(cfg)
         return cls._cache[key]
 
+    def calibration(self, cfg: RunConfig):
+        """Calibration batches for methods that prepare from data (CorDA, OwLore, ...): the
+        recipe's own data.path, as a single-process run would draw them, read only if a method
+        asks, so that every party prepares the same model."""
+
+        def batches():
+            try:
+                examples = load_splits(cfg.data, self.tok).train
+            except SlimtuneError as e:
+                raise SlimtuneError(
+                    f"params {cfg.params.name!r} calibrates on data; in a federated run every "
+                    f"party reads the recipe's data.path for it: {e}"
+                ) from None
+            cal = Batches(examples, cfg.train.batch_size, cfg.train.seed + 1, 0, 1)
+            while True:
+                yield cal.next(self.tok.pad_token_id)
+
+        return batches
+
     def prepared(self, cfg: RunConfig, work: Path) -> tuple[nn.Module, Any]:
         """A fresh copy of the base with the params method applied, initialised from the
         training seed alone (so server and clients agree on the initial state)."""
         method = registry.get("params", cfg.params.name)(cfg.params)
         set_seed(cfg.train.seed)
-        ctx = PrepareContext(self.tok, work, cfg.train.seed, None, extras={"total_steps": 1})
+        ctx = PrepareContext(
+            self.tok, work, cfg.train.seed, self.calibration(cfg), extras={"total_steps": 1}
+        )
         model = method.prepare(copy.deepcopy(self.model), ctx)
         model.config.use_cache = False
         return model, method
@@ -305,8 +331,7 @@ def client_round(
     pending: list[tuple[int, int, float]] = []  # (step, seed index, lr)
     holder: list[torch.optim.Optimizer] = []
 
-    def setup(model: nn.Module, opt: torch.optim.Optimizer) -> None:
-        method = registry.get("params", params.name)(params)
+    def setup(model: nn.Module, opt: torch.optim.Optimizer, method: Any) -> None:
         if f.strategy == "fedavg":
             state = {n: _torch(arrays[n]) for n in arrays}
             info = lora_info(cfg)
@@ -359,6 +384,7 @@ def client_round(
                 base=(copy.deepcopy(base.model), base.tok),
                 trainable=None,
                 position=rnd * steps * batch * tc.grad_accum,
+                calibration=base.calibration(cfg),
                 setup=setup,
             ),
         )
@@ -534,6 +560,9 @@ class Server:
         """Fold the round's replies (node, arrays, metrics) into the global state. Bad updates
         are rejected and logged; with fewer than min_clients accepted the state is unchanged."""
         accepted, rejected = [], []
+        # A fixed order (by partition) makes the floating-point sums independent of which
+        # client answered first.
+        replies = sorted(replies, key=lambda r: (r[2].get("partition", 0), r[0]))
         for node, arrays, metrics in replies:
             decoded, why = self._decode(arrays, metrics)
             if why is not None:
