@@ -14,6 +14,7 @@ import os
 import random
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,21 @@ def atomic_dir(final: Path) -> Path:
     """A fresh temporary directory next to ``final`` (same filesystem, so rename is atomic)."""
     final.parent.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(dir=final.parent, prefix=f".tmp-{final.name}-"))
+
+
+def publish(run_dir: Path, save: Callable[[Path], None]) -> None:
+    """Write final artefacts with ``save(tmp_dir)`` beside ``run_dir``, then move them into it
+    one file at a time (each rename atomic): a failed save leaves no half-written artefact."""
+    tmp = atomic_dir(run_dir / "final")
+    try:
+        save(tmp)
+        for item in tmp.iterdir():
+            target = run_dir / item.name
+            if target.is_dir():
+                shutil.rmtree(target)
+            item.replace(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def commit_dir(tmp: Path, final: Path) -> None:

@@ -39,20 +39,25 @@ def _is_main() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def _print_held_out(summary: dict[str, Any]) -> None:
+    before, after = summary.get("eval_before") or {}, summary.get("eval_after") or {}
+    keys = [k for k in ("accuracy", "loss", "perplexity") if k in before or k in after]
+    if keys:
+        print(f"{'held-out':<12}{'before':>10}{'after':>10}")
+        for k in keys:
+            print(f"{k:<12}{_fmt(before.get(k, '-')):>10}{_fmt(after.get(k, '-')):>10}")
+
+
 def print_report(summary: dict[str, Any]) -> None:
     if not _is_main():
         return
-    before, after = summary.get("eval_before") or {}, summary.get("eval_after") or {}
-    keys = [k for k in ("accuracy", "loss", "perplexity") if k in before or k in after]
     print(
         f"\n{summary['params']} + {summary['optimizer']} on {summary['model']}: "
         f"{summary['steps']} steps, {summary['trainable_params']:,} trainable parameters "
         f"({100 * summary['trainable_fraction']:.2f}%)"
     )
-    if keys:
-        print(f"{'held-out':<12}{'before':>10}{'after':>10}")
-        for k in keys:
-            print(f"{k:<12}{_fmt(before.get(k, '-')):>10}{_fmt(after.get(k, '-')):>10}")
+    _print_held_out(summary)
+    after = summary.get("eval_after") or {}
     print(
         f"train: {summary['train_seconds']:.0f} s, {summary['tokens_per_s']:.0f} tokens/s, "
         f"peak memory {summary['peak_memory_bytes'] / 2**30:.2f} GB ({summary['device']})"
@@ -158,17 +163,12 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def print_fed_report(summary: dict[str, Any]) -> None:
-    before, after = summary.get("eval_before") or {}, summary.get("eval_after") or {}
-    keys = [k for k in ("accuracy", "loss", "perplexity") if k in before or k in after]
     print(
         f"\n{summary['strategy']} ({summary['params']} + {summary['optimizer']}) on "
         f"{summary['model']}: {summary['rounds']} rounds, {summary['clients']} clients, "
         f"{summary['local_steps']} local steps per round"
     )
-    if keys:
-        print(f"{'held-out':<12}{'before':>10}{'after':>10}")
-        for k in keys:
-            print(f"{k:<12}{_fmt(before.get(k, '-')):>10}{_fmt(after.get(k, '-')):>10}")
+    _print_held_out(summary)
     up, down = summary["bytes_up_per_client_round"], summary["bytes_down_per_client_round"]
     line = (
         f"bytes per client per round: up {up['mean'] / 1024:.1f} KB, "

@@ -426,17 +426,7 @@ def train(
         "wall_seconds": time.perf_counter() - t_start,
     }
     if main and local is None:
-        final = checkpoint.atomic_dir(run_dir / "final")
-        try:
-            method.save(plain, tok, final)
-            # Move the artefacts into the run directory one file at a time (each rename atomic).
-            for item in final.iterdir():
-                target = run_dir / item.name
-                if target.is_dir():
-                    shutil.rmtree(target)
-                item.replace(target)
-        finally:
-            shutil.rmtree(final, ignore_errors=True)
+        checkpoint.publish(run_dir, lambda out: method.save(plain, tok, out))
     if main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         metrics_file.close()

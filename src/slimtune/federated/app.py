@@ -284,16 +284,7 @@ def run_server(
         }
         if raw_ups and ups:
             summary["uplink_compression"] = float(np.mean(raw_ups) / np.mean(ups))
-        final = checkpoint.atomic_dir(run_dir / "final")
-        try:
-            server.save(final)
-            for item in final.iterdir():
-                target = run_dir / item.name
-                if target.is_dir():
-                    shutil.rmtree(target)
-                item.replace(target)
-        finally:
-            shutil.rmtree(final, ignore_errors=True)
+        checkpoint.publish(run_dir, server.save)
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         return summary
     finally:
