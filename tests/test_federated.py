@@ -359,9 +359,17 @@ def test_ferret_round_trains_and_clients_rebuild_the_server_weights(cls_data, tm
         train={"steps": 2, "batch_size": 2},
         federated={"strategy": "ferret", "seeds": 20, "clients": 2},
     )
-    server = run_rounds(cfg, 2, [0, 1])
+    memories = {0: {}, 1: {}}
+    server = run_rounds(cfg, 2, [0, 1], memories)
     history = server.payload(2)[0]
     assert set(history) == {"r0.counts", "r0.coords", "r1.counts", "r1.coords"}
+    # A client that answered round 1 keeps table 0 and is sent only table 1.
+    tables, conf = server.payload(2, 0)
+    assert set(tables) == {"r1.counts", "r1.coords"} and conf["base"] == 1
+    full = core.resolve_history(tables, conf, memories[0])
+    assert set(full) == set(history) and all(np.array_equal(full[k], history[k]) for k in full)
+    with pytest.raises(SlimtuneError, match="holds round"):
+        core.resolve_history(tables, conf, {"version": 0})
     base = core.Base.get(cfg)
     model, method = base.prepared(cfg, tmp_path / "w")
     method.load_trainable_state(model, base.initial_state(cfg))

@@ -296,6 +296,11 @@ def client_round(
         arrays = {"scalars": resolve_scalars(arrays, conf, memory)}
         if memory is not None:
             memory["scalars"], memory["version"] = arrays["scalars"], rnd
+    elif f.strategy == "ferret":
+        arrays = resolve_history(arrays, conf, memory)
+        if memory is not None:
+            memory.clear()
+            memory.update(arrays, version=rnd)
     base = Base.get(cfg)
     shard = load_shard(cfg, base, pid, data_path)
     tc = cfg.train
@@ -437,6 +442,21 @@ def resolve_scalars(arrays: Arrays, conf: dict[str, Any], memory: dict[str, Any]
     return out
 
 
+def resolve_history(arrays: Arrays, conf: dict[str, Any], memory: dict[str, Any] | None):
+    """Ferret's coordinate tables of every past round: those sent now, after the ones the
+    client kept from the round it last answered (``base``; -1: all were sent)."""
+    base = int(conf.get("base", -1))
+    if base == -1:
+        return dict(arrays)
+    if memory is None or memory.get("version") != base:
+        raise SlimtuneError(
+            f"ferret: the server sent the tables since round {base}, but this client holds "
+            f"round {None if memory is None else memory.get('version')}"
+        )
+    kept = {k: v for k, v in memory.items() if isinstance(v, np.ndarray)}
+    return {**kept, **arrays}
+
+
 def rebuild_ferret(tensors: list[torch.Tensor], arrays: Arrays, f: Any) -> None:
     """Apply every past round's aggregated coordinates (``r{i}.counts`` / ``r{i}.coords``)."""
     dirs = seeds.Directions(f.seed)
@@ -485,7 +505,8 @@ class Server:
     # --- downlink --------------------------------------------------------------------------
     def payload(self, rnd: int, node: int | None = None) -> tuple[Arrays, dict[str, Any]]:
         """What round ``rnd`` sends to ``node``. FedKSeed sends the K scalars, or only those
-        that changed since the round whose scalars the node holds, whichever is smaller."""
+        that changed since the round whose scalars the node holds, whichever is smaller;
+        Ferret sends the coordinate tables the node has not seen."""
         conf: dict[str, Any] = {"round": rnd, "ref_rank": self.ref_rank}
         if self.f.strategy == "fedavg":
             return {n: _np(t) for n, t in self.state.items()}, conf
@@ -499,10 +520,16 @@ class Server:
                     sync = seeds.pack_pairs(diff, cur[diff])
                     return {"sync": sync}, {**conf, "base": held, "seeds": cur.size}
             return {"scalars": cur}, conf
-        return dict(self.history), conf
+        # Ferret: the coordinate tables of the rounds the node has not seen (a node that
+        # answered round h holds those of rounds 0..h-1).
+        held = self.node_round.get(node, -1) if node is not None else -1
+        first = max(held, 0)
+        tables = {k: v for k, v in self.history.items() if int(k.split(".")[0][1:]) >= first}
+        return tables, {**conf, "base": held}
 
     def delivered(self, node: int, rnd: int, ok: bool) -> None:
-        """Record whether ``node`` answered round ``rnd`` (so it holds that round's scalars)."""
+        """Record whether ``node`` answered round ``rnd`` (so it holds that round's scalars or
+        tables)."""
         if ok:
             self.node_round[node] = rnd
         else:
