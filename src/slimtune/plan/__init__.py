@@ -1,0 +1,1 @@
+"""Memory planning (issue 7): model shapes from configs; the planner builds on them."""
