@@ -430,26 +430,36 @@ def test_simulation_continues_when_a_client_drops(cls_data, tmp_path):
 
 
 @pytest.mark.slow
-def test_simulation_fedkseed_keeps_scalars_on_the_nodes(cls_data, tmp_path):
-    """FedKSeed on Flower: clients keep the K scalars in their node state, so after the first
-    round only the changed scalars travel down (8 bytes per changed seed)."""
+@pytest.mark.parametrize("strategy", ["fedkseed", "ferret"])
+def test_simulation_keeps_shared_state_on_the_nodes(cls_data, tmp_path, strategy):
+    """On Flower, FedKSeed clients keep the K scalars and Ferret clients the past coordinate
+    tables in their node state, so after the first round only what changed travels down."""
     out = tmp_path / "run"
+    optimizer = (
+        {"name": "mezo", "lr": 1e-3, "eps": 1e-2}
+        if strategy == "fedkseed"
+        else {"name": "sgd", "lr": 0.5}
+    )
     recipe = tiny_recipe(
         cls_data,
         out,
         params=LORA,
-        optimizer={"name": "mezo", "lr": 1e-3, "eps": 1e-2},
+        optimizer=optimizer,
         train={"steps": 3, "batch_size": 2},
-        federated={"strategy": "fedkseed", "seeds": 512, "clients": 2, "rounds": 3},
+        federated={"strategy": strategy, "seeds": 512, "clients": 2, "rounds": 3},
     )
     res = fed_cli(recipe, tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()][1:]
-    assert all(r["applied"] and not r["failed"] for r in rows)
+    assert all(r["applied"] and not r["failed"] and r["replied"] == 2 for r in rows)
     for prev, row in zip(rows, rows[1:]):
-        changed = sum(b // 8 for b in prev["payload_bytes_up"])  # pairs sent up last round
-        assert all(0 < b <= 8 * changed for b in row["payload_bytes_down"])
-    assert all(b <= 8 * 3 for r in rows for b in r["payload_bytes_up"])
+        if strategy == "fedkseed":  # changed scalars only: 8 bytes per seed sent up last round
+            changed = sum(b // 8 for b in prev["payload_bytes_up"])
+            assert all(0 < b <= 8 * changed for b in row["payload_bytes_down"])
+        else:  # the last round's averaged table only (its counts: the largest per tensor)
+            assert all(0 < b <= sum(prev["payload_bytes_up"]) for b in row["payload_bytes_down"])
+    if strategy == "fedkseed":
+        assert all(b <= 8 * 3 for r in rows for b in r["payload_bytes_up"])
 
 
 @pytest.mark.slow

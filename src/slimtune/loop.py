@@ -56,15 +56,13 @@ class LocalRound:
     """How a federated client runs the loop for one round (see ``federated/``).
 
     ``base`` is a loaded (model, tokenizer) pair the run may modify (the caller passes a copy);
-    ``trainable`` is the state loaded into the prepared model before the first step;
     ``position`` is where the client's data order continues from; ``calibration`` replaces the
     run's own calibration batches (every party must prepare the model alike);
-    ``setup(model, optimizer, method)`` runs once before the first step; no final artefacts
-    are written.
+    ``setup(model, optimizer, method)`` runs once before the first step (it loads the round's
+    start state); no final artefacts are written.
     """
 
     base: tuple[torch.nn.Module, Any]
-    trainable: dict[str, torch.Tensor] | None = None
     position: int = 0
     calibration: Callable[[], Any] | None = None
     setup: Callable[[torch.nn.Module, torch.optim.Optimizer, ParamsMethod], None] | None = None
@@ -188,8 +186,6 @@ def train(
             model.activation_checkpointing_enable(
                 activation_checkpointing_kwargs={"use_reentrant": False}
             )
-        if local is not None and local.trainable is not None:
-            method.load_trainable_state(model, local.trainable)
         n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         n_total = sum(p.numel() for p in model.parameters())
         if n_trainable == 0:

@@ -70,11 +70,12 @@ def _load_memory(context: Context) -> dict[str, Any]:
 
 
 def _store_memory(context: Context, memory: dict[str, Any]) -> None:
+    if not memory:
+        return
     arrays = {k: v for k, v in memory.items() if isinstance(v, np.ndarray)}
-    if arrays:
-        context.state[_MEMORY + ".arrays"] = _record(arrays)
-        meta = {k: v for k, v in memory.items() if not isinstance(v, np.ndarray)}
-        context.state[_MEMORY + ".meta"] = ConfigRecord(meta)
+    meta = {k: v for k, v in memory.items() if not isinstance(v, np.ndarray)}
+    context.state[_MEMORY + ".arrays"] = _record(arrays)  # may be empty: the version counts
+    context.state[_MEMORY + ".meta"] = ConfigRecord(meta)
 
 
 def make_client_app(recipe: dict | None = None) -> ClientApp:

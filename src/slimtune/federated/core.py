@@ -289,7 +289,8 @@ def client_round(
     ``train.steps`` local steps on its shard, return what the strategy uploads.
 
     ``memory`` is what the client keeps between rounds (Flower's per-node context state):
-    FedKSeed keeps its copy of the K scalars there, so the server may send only the changes."""
+    FedKSeed keeps its copy of the K scalars there and Ferret the coordinate tables of past
+    rounds, so the server sends only what changed."""
     f = cfg.federated
     rnd = int(conf["round"])
     if f.strategy == "fedkseed":
@@ -387,7 +388,6 @@ def client_round(
             on_step=on_step,
             local=LocalRound(
                 base=(copy.deepcopy(base.model), base.tok),
-                trainable=None,
                 position=rnd * steps * batch * tc.grad_accum,
                 calibration=base.calibration(cfg),
                 setup=setup,
