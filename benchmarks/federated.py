@@ -54,7 +54,9 @@ ROWS: dict[str, tuple[dict, dict, dict]] = {
 }
 
 
-def recipe(row: str, rounds: int, clients: int, eval_size: int, out: str) -> dict[str, Any]:
+def recipe(
+    row: str, rounds: int, clients: int, eval_size: int, out: str, split: dict[str, Any]
+) -> dict[str, Any]:
     optim, train, fed = ROWS[row]
     return {
         "model": {"name": "smollm2-135m"},
@@ -69,7 +71,7 @@ def recipe(row: str, rounds: int, clients: int, eval_size: int, out: str) -> dic
             **train,
         },
         "eval": {"batch_size": 16},
-        "federated": {"rounds": rounds, "clients": clients, "partition": "iid", **fed},
+        "federated": {"rounds": rounds, "clients": clients, **split, **fed},
         "output_dir": out,
         "overwrite": True,
     }
@@ -98,6 +100,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--clients", type=int, default=2)
     parser.add_argument("--eval-size", type=int, default=200)
+    parser.add_argument(
+        "--alpha", type=float, default=0.0, help="Dirichlet label skew (0: IID split)"
+    )
     parser.add_argument("--work", default="bench-out/federated")
     parser.add_argument("--out", default="bench-out/federated.md")
     args = parser.parse_args()
@@ -116,7 +121,8 @@ def main() -> None:
         work = Path(args.work) / row.replace(" ", "_").replace("/", "").replace(",", "")
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
-        rec = recipe(row, args.rounds, args.clients, args.eval_size, str(work / "run"))
+        split = {"partition": "dirichlet", "alpha": args.alpha} if args.alpha else {}
+        rec = recipe(row, args.rounds, args.clients, args.eval_size, str(work / "run"), split)
         print(f"{row}: running ({args.rounds} rounds, {args.clients} clients)", flush=True)
         res = run_worker(__file__, row, rec, work)
         res["recipe"] = rec
@@ -128,7 +134,9 @@ def main() -> None:
         print(f"{row}: done in {res['wall_s']:.0f} s", flush=True)
 
     lines = [
-        f"SmolLM2-135M-Instruct, SST-2 (demo task) split IID over {args.clients} clients, "
+        f"SmolLM2-135M-Instruct, SST-2 (demo task) split "
+        f"{f'by Dirichlet({args.alpha}) over labels' if args.alpha else 'IID'} over "
+        f"{args.clients} clients, "
         f"{args.eval_size} held-out examples scored by the label words; LoRA r 8 on q/v; "
         "Flower simulation engine. Bytes are per client per round: `wire` is the serialised "
         "Flower message (every object of the message tree once), `arrays` the payload arrays.",
