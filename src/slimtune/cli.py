@@ -1,4 +1,4 @@
-"""``slimtune train|fed|eval|merge|methods|demo``. User errors print one line and exit with code 2."""
+"""``slimtune train|fed|eval|merge|plan|methods|demo``. User errors print one line and exit with code 2."""
 
 from __future__ import annotations
 
@@ -224,6 +224,78 @@ def cmd_fed(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from . import config
+    from .plan import format_breakdown, parse_size, rank, shape_for, split_method
+    from .plan.planner import GB, Workload, method, plan, workload_of
+
+    recipe, overrides = _split_recipe(args.args)
+    cfg = config.load(recipe, overrides) if recipe or overrides else None
+    work = workload_of(cfg, cfg.model.device) if cfg is not None else Workload()
+    given = {
+        "seq": args.seq,
+        "batch": args.batch,
+        "weights": args.weights,
+        "mixed_precision": args.mixed_precision,
+        "device": args.device,
+        "loss_chunk": args.loss_chunk,
+        "attention": args.attention,
+    }
+    work = replace(work, **{k: v for k, v in given.items() if v is not None})
+    if args.checkpointing:
+        work = replace(work, checkpointing=True)
+    if args.runtime is not None:
+        work = replace(work, runtime=parse_size(args.runtime))
+    model = args.model or (cfg.model.name if cfg is not None else "smollm2-135m")
+    shape = shape_for(model)
+    pairs = [split_method(m) for spec in args.method for m in spec.split(",") if m]
+    if cfg is not None and not pairs:
+        pairs = [(cfg.params.name, cfg.optimizer.name)]
+    if args.budget:
+        budget = parse_size(args.budget)
+        ranked = rank(shape, work, budget, pairs or None, not args.checkpointing, model)
+        print(
+            f"{model}: batch {work.batch} x seq {work.seq}, weights {work.weights}, "
+            f"{work.device}; budget {budget / GB:.2f} GB"
+        )
+        print(f"{'':2}{'params + optimizer':<30}{'peak GB':>9}{'trainable':>16}  notes")
+        for r in ranked:
+            b = r.breakdown
+            mark = "ok" if r.fits else "--"
+            note = "checkpointing" if r.checkpointing and not work.checkpointing else ""
+            print(
+                f"{mark:<2}{r.params + ' + ' + r.optimizer:<30}{b.peak / GB:>9.2f}"
+                f"{b.trainable_params:>16,}  {note}"
+            )
+        n_fit = sum(r.fits for r in ranked)
+        print(f"{n_fit} of {len(ranked)} fit, largest trainable capacity first")
+        return 0 if n_fit else 1
+    if not pairs:
+        pairs = [("full", "adamw")]
+    out = []
+    for i, (p, o) in enumerate(pairs):
+        if cfg is not None and (p, o) == (cfg.params.name, cfg.optimizer.name):
+            pm = registry_method("params", cfg.params)
+            om = registry_method("optimizer", cfg.optimizer)
+        else:
+            pm, om = method("params", p), method("optimizer", o)
+        b = plan(shape, pm, om, work, model)
+        out.append(b)
+        if not args.json:
+            print(("\n" if i else "") + format_breakdown(b))
+    if args.json:
+        print(json.dumps([b.to_dict() for b in out], indent=1))
+    return 0
+
+
+def registry_method(axis: str, cfg: Any) -> Any:
+    from . import registry
+
+    return registry.get(axis, cfg.name)(cfg)
+
+
 def cmd_methods(args: argparse.Namespace) -> int:
     from . import registry
     from .config import field_docs
@@ -280,6 +352,32 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("run_dir")
     m.add_argument("out")
     m.set_defaults(fn=cmd_merge)
+    pl = sub.add_parser(
+        "plan",
+        help="price a recipe's memory before running it: slimtune plan [RECIPE.yaml] "
+        "[key=value ...] [--model M] [--method lora,galore,...] [--budget 24GB]",
+    )
+    pl.add_argument("args", nargs="*", metavar="RECIPE.yaml [key=value ...]")
+    pl.add_argument("--model", help="bundled config (e.g. llama-3-8b), config.json or model dir")
+    pl.add_argument(
+        "--method",
+        action="append",
+        default=[],
+        help="params method, optimizer, or params+optimizer (e.g. lora, galore, lora+mezo); "
+        "repeat or comma-separate",
+    )
+    pl.add_argument("--seq", type=int, help="tokens per sequence (default: the recipe's)")
+    pl.add_argument("--batch", type=int, help="sequences per micro-batch")
+    pl.add_argument("--weights", choices=["fp32", "bf16", "fp16", "nf4", "int8"])
+    pl.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"])
+    pl.add_argument("--checkpointing", action="store_true", help="activation checkpointing")
+    pl.add_argument("--loss-chunk", type=int, help="tokens per loss chunk (0: full logits)")
+    pl.add_argument("--attention", choices=["sdpa", "eager"])
+    pl.add_argument("--device", choices=["cpu", "cuda"])
+    pl.add_argument("--runtime", help="framework overhead to add (default 0.55GB cpu, 0.75GB cuda)")
+    pl.add_argument("--budget", help="rank every method that fits, e.g. 24GB")
+    pl.add_argument("--json", action="store_true", help="print the breakdown as JSON")
+    pl.set_defaults(fn=cmd_plan)
     sub.add_parser("methods", help="list registered methods and their options").set_defaults(
         fn=cmd_methods
     )

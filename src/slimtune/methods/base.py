@@ -64,6 +64,12 @@ class ParamsMethod:
             groups.append({"params": no_decay, "weight_decay": 0.0})
         return groups
 
+    def memory(self, plan: Any) -> None:
+        """Describe this method's memory to the planner (``slimtune.plan.planner.Plan``): which
+        base tensors train (the plan starts with all of them), new tensors, the activations
+        its modules keep, temporaries. Every registered method describes itself."""
+        raise NotImplementedError(f"params method {self.name!r} describes no memory terms")
+
     def on_step_start(self, model: nn.Module, step: int, optimizer: torch.optim.Optimizer) -> None:
         """Called before each optimizer step (layer re-sampling and the like)."""
 
@@ -129,6 +135,12 @@ class OptimizerMethod(ABC):
 
     def __init__(self, cfg: Any):
         self.cfg = cfg
+
+    def memory(self, plan: Any) -> None:
+        """Describe this optimizer's memory to the planner (``slimtune.plan.planner.Plan``):
+        state per trainable tensor, gradients (all, one tensor at a time, none), whether a
+        graph is built, step temporaries. Every registered method describes itself."""
+        raise NotImplementedError(f"optimizer {self.name!r} describes no memory terms")
 
     @abstractmethod
     def build(self, groups: list[dict[str, Any]], model: nn.Module) -> torch.optim.Optimizer:

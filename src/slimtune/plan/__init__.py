@@ -1,1 +1,168 @@
-"""Memory planning (issue 7): model shapes from configs; the planner builds on them."""
+"""Memory planning (issue 7): model shapes from configs, the analytic planner, ``slimtune plan``.
+
+from slimtune.plan import estimate
+b = estimate("llama-3-8b", "lora", "adamw", seq=2048, batch=1, weights="bf16",
+             checkpointing=True, device="cuda")
+print(b.peak / 2**30, b.by_name())
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+from typing import Any
+
+from ..errors import SlimtuneError
+from .planner import GB, Breakdown, Workload, method, plan
+from .shapes import ModelShape, bundled, load_shape, read_config
+
+__all__ = [
+    "Breakdown",
+    "ModelShape",
+    "Workload",
+    "bundled",
+    "candidates",
+    "estimate",
+    "format_breakdown",
+    "load_shape",
+    "parse_size",
+    "rank",
+    "read_config",
+    "shape_for",
+]
+
+# slimtune's bundled runnable models -> their architecture configs
+ALIASES = {"gemma3-270m": "gemma-3-270m", "tiny-llama": None}
+
+
+def shape_for(model: str) -> ModelShape:
+    """The shape of a bundled config name, a slimtune model name, or a config.json / model dir."""
+    name = ALIASES.get(model, model)
+    if name is None:
+        raise SlimtuneError(
+            f"model {model!r}: a test model; plan a real one ({', '.join(bundled())})"
+        )
+    return load_shape(name)
+
+
+def parse_size(text: str) -> float:
+    """'24GB', '24G', '24GiB', '512MB', '24' (GB) -> bytes (GB = 2**30 bytes, as nvidia-smi)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(i?B)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise SlimtuneError(f"--budget: cannot read {text!r} (e.g. 24GB, 512MB)")
+    unit = {"": 3, "K": 1, "M": 2, "G": 3, "T": 4}[m.group(2).upper()]
+    return float(m.group(1)) * 1024**unit
+
+
+def split_method(spec: str) -> tuple[str, str]:
+    """'lora' -> (lora, adamw); 'galore' -> (full, galore); 'lora+mezo' -> (lora, mezo)."""
+    from .. import registry
+
+    if "+" in spec:
+        p, o = spec.split("+", 1)
+        return p.strip(), o.strip()
+    if spec in registry.names("params"):
+        return spec, "adamw"
+    if spec in registry.names("optimizer"):
+        return "full", spec
+    registry.get("params", spec)  # raises with a suggestion
+    raise AssertionError
+
+
+def estimate(
+    model: str | ModelShape,
+    params: Any = "full",
+    optimizer: Any = "adamw",
+    work: Workload | None = None,
+    **workload: Any,
+) -> Breakdown:
+    """Plan one recipe: method names or ``{name: ..., field: ...}`` specs, a bundled model name
+    (or config path / shape) and the workload's fields (``seq``, ``batch``, ``weights``, ...)."""
+    shape = model if isinstance(model, ModelShape) else shape_for(model)
+    work = replace(work or Workload(), **workload)
+    name = model if isinstance(model, str) else shape.family
+    return plan(shape, method("params", params), method("optimizer", optimizer), work, name)
+
+
+def candidates() -> list[tuple[str, str]]:
+    """What ``--budget`` ranks: every params method with AdamW, every optimizer with full
+    fine-tuning, and LoRA with each optimizer (each method in its default configuration)."""
+    from .. import registry
+
+    out = [(p, "adamw") for p in registry.names("params")]
+    out += [("full", o) for o in registry.names("optimizer") if o != "adamw"]
+    out += [("lora", o) for o in registry.names("optimizer") if o != "adamw"]
+    return out
+
+
+@dataclass
+class Ranked:
+    params: str
+    optimizer: str
+    breakdown: Breakdown
+    checkpointing: bool
+    fits: bool
+
+
+def rank(
+    shape: ModelShape,
+    work: Workload,
+    budget: float,
+    pairs: list[tuple[str, str]] | None = None,
+    allow_checkpointing: bool = True,
+    name: str = "",
+) -> list[Ranked]:
+    """Every pair priced under ``work``; where it does not fit and ``allow_checkpointing``, again
+    with activation checkpointing. Fitting ones first, by trainable parameters (largest first),
+    then the rest by peak."""
+    out = []
+    for p, o in pairs or candidates():
+        try:
+            b = plan(shape, method("params", p), method("optimizer", o), work, name)
+        except SlimtuneError:
+            continue  # a combination the methods refuse (e.g. nothing to train)
+        ckpt = work.checkpointing
+        if b.peak > budget and allow_checkpointing and not ckpt:
+            b2 = plan(
+                shape,
+                method("params", p),
+                method("optimizer", o),
+                replace(work, checkpointing=True),
+                name,
+            )
+            if b2.peak < b.peak:
+                b, ckpt = b2, True
+        out.append(Ranked(p, o, b, ckpt, b.peak <= budget))
+    fit = sorted(
+        (r for r in out if r.fits), key=lambda r: (-r.breakdown.trainable_params, r.breakdown.peak)
+    )
+    rest = sorted((r for r in out if not r.fits), key=lambda r: r.breakdown.peak)
+    return fit + rest
+
+
+def _gb(n: float) -> str:
+    return f"{n / GB:.2f}"
+
+
+def format_breakdown(b: Breakdown) -> str:
+    w = b.work
+    lines = [
+        f"{b.params} + {b.optimizer} on {b.model}: {b.trainable_params:,} of "
+        f"{b.total_params:,} parameters train ({100 * b.trainable_params / b.total_params:.2f}%)",
+        f"workload: batch {w.batch} x seq {w.seq}, weights {w.weights}, mixed precision "
+        f"{w.mixed_precision}, checkpointing {'on' if w.checkpointing else 'off'}, loss chunk "
+        f"{w.loss_chunk or 'off'}, attention {w.attention}, device {w.device}",
+        "",
+        f"{'component':<22}{'GB':>9}  {'when':<9} note",
+    ]
+    for t in b.terms:
+        lines.append(f"{t.name:<22}{_gb(t.bytes):>9}  {t.phase:<9} {t.note}")
+    ph = b.phases
+    lines += [
+        "",
+        f"always held {_gb(b.total('always'))} GB + largest phase ({b.peak_phase}) "
+        f"{_gb(max(ph.values()))} GB",
+        f"predicted peak: {_gb(b.peak)} GB",
+    ]
+    lines += [f"note: {n}" for n in b.notes]
+    return "\n".join(lines)

@@ -23,6 +23,22 @@ class AdamW(OptimizerMethod):
         eps: float = 1e-8
         """Denominator epsilon."""
 
+    def memory(self, plan: Any) -> None:
+        """Two moments per trainable element, in the parameter's dtype (torch's AdamW). CPU runs
+        one tensor at a time (a temporary of ~2 tensors' size); CUDA's foreach path makes one
+        temporary list the size of all trainable tensors."""
+        state = sum(2 * s.nbytes for s in plan.trainable)
+        plan.add("optimizer state", state, "always", "AdamW moments")
+        if plan.work.device == "cuda":
+            plan.add("temporaries", sum(s.nbytes for s in plan.trainable), "step", "foreach step")
+        else:
+            plan.add(
+                "temporaries",
+                2 * max(s.nbytes for s in plan.trainable),
+                "step",
+                "one tensor's step",
+            )
+
     def build(self, groups: list[dict[str, Any]], model: nn.Module) -> torch.optim.Optimizer:
         c = self.cfg
         return torch.optim.AdamW(
@@ -40,6 +56,16 @@ class SGD(OptimizerMethod):
     class Config(OptimizerMethod.Config):
         momentum: float = 0.0
         """Momentum factor (0: plain SGD, no optimizer state)."""
+
+    def memory(self, plan: Any) -> None:
+        """No state without momentum, one buffer per trainable element with it."""
+        if self.cfg.momentum:
+            plan.add(
+                "optimizer state",
+                sum(s.nbytes for s in plan.trainable),
+                "always",
+                "momentum buffers",
+            )
 
     def build(self, groups: list[dict[str, Any]], model: nn.Module) -> torch.optim.Optimizer:
         c = self.cfg

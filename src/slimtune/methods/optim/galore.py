@@ -465,6 +465,55 @@ class GaLore(OptimizerMethod):
             if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
                 raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
 
+    def memory(self, plan: Any) -> None:
+        """Per projected matrix (m x n, every block linear unless ``target_modules``): an fp32
+        basis on the smaller side (r x n or m x r) and two moments of the projected shape
+        (m x r or r x n; 8-bit: uint8 codes + an fp32 absmax per 256); other trainable tensors
+        take AdamW moments. Step temporaries: the SVD of one gradient and its projected-back
+        update (~3 fp32 copies of the largest matrix). Layer-wise: gradients exist one tensor
+        at a time and the update runs inside backward."""
+        c = self.cfg
+        state = basis = 0.0
+
+        def moments(numel: int) -> float:
+            if c.state_bits == 8 and numel >= MIN_8BIT:
+                return 2 * (numel + 4 * -(-numel // BLOCK))
+            return 2 * numel * 4.0
+
+        projected = [
+            s
+            for s in plan.trainable
+            if len(s.shape) == 2
+            and (s.kind == "linear" or ".lora_" in s.name)
+            and (not c.target_modules or any(t in s.name for t in c.target_modules))
+        ]
+        names = {s.name for s in projected}
+        for s in projected:
+            m, n = s.shape
+            r = min(c.rank, m, n)
+            basis += (r * n if right_side((m, n)) else m * r) * 4.0
+            k = m * r if right_side((m, n)) else r * n
+            state += moments(k) + self.matrix_state(s, k)
+        plain = [s for s in plan.trainable if s.name not in names]
+        state += sum(moments(s.numel) for s in plain)
+        plan.add(
+            "optimizer state",
+            state + basis,
+            "always",
+            f"rank-{c.rank} moments and bases{' (8-bit)' if c.state_bits == 8 else ''}",
+        )
+        temp = 3 * max((s.numel for s in projected), default=0) * 4.0
+        temp = max(temp, 2 * max((s.nbytes for s in plain), default=0.0))
+        if c.layerwise:
+            plan.grads = "per-tensor"
+            plan.add("temporaries", temp, "backward", "one matrix's update inside backward")
+        else:
+            plan.add("temporaries", temp, "step", "SVD and projected-back update of one matrix")
+
+    def matrix_state(self, spec: Any, k: int) -> float:
+        """Bytes a variant keeps per projected matrix beyond GaLore's (k = projected size)."""
+        return 0.0
+
     def extra_defaults(self) -> dict[str, Any]:
         """Optimizer keyword arguments a subclass method adds."""
         return {}

@@ -75,3 +75,7 @@ class GradNormLoRP(GaLore):
     """GradNormLoRP ("Gradient Weight-normalized Low-rank Projection for Efficient LLM Training"): weight-normalised matrices, direction gradient GaLore-projected, magnitude on plain Adam."""
 
     optimizer_class = GradNormLoRPAdamW
+
+    def matrix_state(self, spec: Any, k: int) -> float:
+        """Magnitude, row norm of V and the magnitude's two moments: four fp32 m-vectors."""
+        return 4 * spec.shape[0] * 4.0

@@ -93,3 +93,7 @@ class NaturalGaLore(GaLore):
 
     def extra_defaults(self) -> dict[str, Any]:
         return {"history": self.cfg.history, "damping": self.cfg.damping}
+
+    def matrix_state(self, spec: Any, k: int) -> float:
+        """The gradient history: s projected gradients (fp32) per matrix."""
+        return self.cfg.history * k * 4.0

@@ -761,6 +761,31 @@ class ZerothOrder(OptimizerMethod):
             if not 0 <= self.mask_ratio < 1:
                 raise ValueError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
 
+    def memory(self, plan: Any) -> None:
+        """No graph and no gradients: forwards of the batch stacked twice (+eps and -eps, or
+        primal and tangent), one module's perturbed fp32 weight at a time, z generated in
+        chunks for the update, the noise pool; state per ``rule`` (momentum: one fp32 buffer
+        per trainable element, adam: two; the others none)."""
+        c = self.cfg
+        plan.graph, plan.grads, plan.batch_factor = False, "none", 2.0
+        numel = sum(s.numel for s in plan.trainable)
+        per = {"momentum": 1, "adam": 2}.get(self.rule, 0)
+        if per:
+            plan.add("optimizer state", per * numel * 4.0, "always", f"{per} fp32 buffer(s)")
+        if c.pool_bits:
+            plan.add(
+                "optimizer state", ((1 << c.pool_bits) + POOL_BLOCK) * 4.0, "always", "noise pool"
+            )
+        mats = [s for s in plan.trainable if s.kind not in ("embedding", "head")]
+        biggest = max((s.numel for s in mats), default=0)
+        temp = biggest * (8.0 + plan.work.param_bytes)  # W + s z (fp32), z, the cast
+        temp = max(temp, CHUNK * 6.0)  # the update's z chunk and its 16-bit words
+        if self.sparse:  # per-tensor |w| quantile (fp32 copy and a mask) of the largest tensor
+            temp = max(temp, max(s.numel for s in plan.trainable) * 5.0)
+        plan.add("temporaries", temp, "forward", "one module's perturbed weight / z chunk")
+
+    sparse: ClassVar[bool] = False
+
     def build(self, groups: list[dict[str, Any]], model: nn.Module) -> torch.optim.Optimizer:
         return ZerothOrderOptimizer(groups, model, self.cfg, self.rule)
 
@@ -834,6 +859,8 @@ class ForwardGrad(ZerothOrder):
 @register("optimizer", "sparse-mezo")
 class SparseMeZO(ZerothOrder):
     """Sparse MeZO (Liu et al. 2024): perturb and update only weights with |w| at or below a per-tensor quantile; stores thresholds, not masks."""
+
+    sparse = True
 
     @dataclass
     class Config(ZerothOrder.Config):

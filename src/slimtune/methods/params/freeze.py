@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch import nn
 
@@ -37,6 +38,22 @@ class Freeze(ParamsMethod):
         """Train the input embeddings (and a head tied to them)."""
         head: bool = False
         """Train the output head."""
+
+    def memory(self, plan: Any) -> None:
+        c = self.cfg
+        n = plan.shape.layers
+        layers = {i % n for i in c.layers if -n <= i < n}
+        plan.freeze_all()
+        plan.train(s for s in plan.base if s.layer in layers)
+        if c.embeddings:
+            plan.train(s for s in plan.base if s.kind == "embedding")
+        if c.head:
+            plan.train(
+                s
+                for s in plan.base
+                if s.kind in ("head", "embedding") and (s.kind == "head" or plan.shape.tied)
+            )
+        plan.train(s for s in plan.base if any(fnmatch.fnmatch(s.name, p) for p in c.patterns))
 
     def prepare(self, model: nn.Module, ctx: PrepareContext) -> nn.Module:
         c = self.cfg

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
@@ -17,6 +18,9 @@ class Full(ParamsMethod):
     @dataclass
     class Config:
         pass
+
+    def memory(self, plan: Any) -> None:
+        """Every base tensor trains: the plan's starting point, nothing to change."""
 
     def prepare(self, model: nn.Module, ctx: PrepareContext) -> nn.Module:
         model.requires_grad_(True)

@@ -56,6 +56,21 @@ class HalfFineTuning(ParamsMethod):
             if self.reselect_every < 0:
                 raise ValueError(f"reselect_every must be >= 0, got {self.reselect_every}")
 
+    def memory(self, plan: Any) -> None:
+        """Half of each block's attention matrices and, on average, half of its FFN matrices
+        train; priced with the expected half (the draw is random): alternating blocks train
+        (q, v | k, o) and (gate | up, down)."""
+        plan.freeze_all()
+        for i in range(plan.shape.layers):
+            mods = (
+                ("q_proj", "v_proj", "gate_proj")
+                if i % 2 == 0
+                else ("k_proj", "o_proj", "up_proj", "down_proj")
+            )
+            plan.train(
+                s for s in plan.base if s.layer == i and s.kind == "linear" and s.module in mods
+            )
+
     def prepare(self, model: nn.Module, ctx: PrepareContext) -> nn.Module:
         _, blocks = decoder_layers(model)
         self._attn, self._ffn = [], []

@@ -48,6 +48,22 @@ class Lisa(ParamsMethod):
             if self.interval < 1:
                 raise ValueError(f"interval must be >= 1, got {self.interval}")
 
+    def memory(self, plan: Any) -> None:
+        """Embedding and head plus ``layers`` blocks train at any time (the optimizer state of
+        blocks that leave is dropped); which blocks does not change the sum, and backward
+        reaches the lowest sampled block, the first one in the worst case."""
+        c, sh = self.cfg, plan.shape
+        plan.freeze_all()
+        blocks = set(range(sh.layers - min(c.layers, sh.layers), sh.layers))
+        plan.train(s for s in plan.base if s.layer in blocks)
+        if c.embeddings:
+            plan.train(s for s in plan.base if s.kind == "embedding")
+        if c.head:
+            plan.train(
+                s for s in plan.base if s.kind == "head" or (s.kind == "embedding" and sh.tied)
+            )
+        plan.grad_from = 0
+
     def prepare(self, model: nn.Module, ctx: PrepareContext) -> nn.Module:
         _, self._blocks = decoder_layers(model)
         if self.cfg.layers > len(self._blocks):

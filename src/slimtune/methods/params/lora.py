@@ -6,7 +6,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from peft import LoftQConfig, LoraConfig, PeftModel, get_peft_model
@@ -68,6 +68,42 @@ class Lora(ParamsMethod):
                 raise ValueError(f"r must be >= 1, got {self.r}")
             if not 0 <= self.dropout < 1:
                 raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    def memory(self, plan: Any) -> None:
+        """A (r x in) and B (out x r) per targeted linear, fp32 (peft keeps adapters in fp32
+        over 16-bit bases); each keeps its input (dropout: a copy and its mask) and the r-wide
+        A output for backward. DoRA adds the magnitude vector and, per layer, the dense
+        W + BA whose column norms it takes (a temporary)."""
+        from ...plan.planner import BLOCK_LINEARS, Adapter, Spec
+
+        c, sh = self.cfg, plan.shape
+        targets = list(c.target_modules) or list(
+            TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(sh.family, ["q_proj", "v_proj"])
+        )
+        if targets == ["all-linear"]:
+            targets = list(BLOCK_LINEARS)
+        plan.freeze_all()
+        chosen = [
+            s for s in plan.linears() if any(t == s.module or s.name.endswith(t) for t in targets)
+        ]
+        for s in chosen:
+            out, inp = s.shape
+            plan.add_new(Spec(s.name + ".lora_A", (c.r, inp), "adapter", s.layer, s.module, 4.0))
+            plan.add_new(Spec(s.name + ".lora_B", (out, c.r), "adapter", s.layer, s.module, 4.0))
+            extra = c.r + (inp * (1 + 1 / plan.work.act_bytes) if c.dropout else 0)
+            if c.dora:
+                plan.add_new(Spec(s.name + ".magnitude", (out,), "adapter", s.layer, s.module, 4.0))
+                extra += out  # the scaled output before the magnitude
+            plan.adapters.append(Adapter(s.layer, s.module, saves_input=True, act_per_token=extra))
+        if c.dora and chosen:
+            plan.add(
+                "temporaries",
+                2 * max(s.numel for s in chosen) * 4.0,
+                "backward",
+                "DoRA: dense W + BA of one layer",
+            )
+        if plan.quantised and chosen:
+            plan.note("LoRA over a quantised base (QLoRA)")
 
     def _peft_config(self, model: nn.Module) -> LoraConfig:
         c = self.cfg

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from peft import PeftModel, PrefixTuningConfig, PromptTuningConfig, get_peft_model
 from torch import nn
@@ -31,6 +31,51 @@ class _VirtualTokens(ParamsMethod):
                 raise ValueError(f"num_virtual_tokens must be >= 1, got {self.num_virtual_tokens}")
 
     peft_config: Callable[[], PromptTuningConfig | PrefixTuningConfig]  # set by each subclass
+
+    def memory(self, plan: Any) -> None:
+        """Base frozen; the virtual tokens' parameters train and backward runs through every
+        block (the input of block 0 depends on them); prompt tuning lengthens every sequence."""
+        from ...plan.planner import Spec
+
+        sh, n = plan.shape, self.cfg.num_virtual_tokens
+        plan.freeze_all()
+        if isinstance(self, PrefixTuning):
+            kv = sh.kv_heads * sh.head_dim
+            plan.add_new(
+                Spec(
+                    "prefix_encoder.embedding",
+                    (n, sh.layers * 2 * kv),
+                    "adapter",
+                    None,
+                    "embed",
+                    4.0,
+                )
+            )
+            plan.needs_mask, plan.prefix_tokens = True, n  # the causal mask becomes explicit
+            q = sh.heads * sh.head_dim  # prefix keys and values, repeated per query head
+            plan.add(
+                "activations",
+                sh.layers * plan.work.batch * 2 * n * q * plan.work.act_bytes,
+                "backward",
+                "prefix keys and values kept by attention",
+            )
+            if self.cfg.projection:
+                plan.add_new(
+                    Spec(
+                        "prefix_encoder.mlp",
+                        (sh.hidden * (sh.hidden + 2 * sh.layers * kv),),
+                        "adapter",
+                        None,
+                        "embed",
+                        4.0,
+                    )
+                )
+        else:
+            plan.add_new(
+                Spec("prompt_encoder.embedding", (n, sh.hidden), "adapter", None, "embed", 4.0)
+            )
+            plan.extra_tokens = n
+        plan.grad_from = 0
 
     def prepare(self, model: nn.Module, ctx: PrepareContext) -> nn.Module:
         return get_peft_model(model, self.peft_config())

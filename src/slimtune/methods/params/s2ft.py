@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -89,6 +90,29 @@ class S2FT(ParamsMethod):
             for name in ("o_ratio", "down_ratio"):
                 if not 0 < getattr(self, name) <= 1:
                     raise ValueError(f"{name} must be in (0, 1], got {getattr(self, name)}")
+
+    def memory(self, plan: Any) -> None:
+        """Per block two dense deltas (on o_proj's selected head columns and down_proj's
+        selected channel columns), in the weights' dtype; each keeps only its input slice."""
+        from ...plan.planner import Adapter, Spec
+
+        sh, c = plan.shape, self.cfg
+        heads = max(1, round(c.o_ratio * sh.heads))
+        s_o, s_d = heads * sh.head_dim, max(1, round(c.down_ratio * sh.intermediate))
+        plan.freeze_all()
+        for i in range(sh.layers):
+            for mod, s in (("o_proj", s_o), ("down_proj", s_d)):
+                plan.add_new(
+                    Spec(
+                        f"layers.{i}.{mod}.delta",
+                        (sh.hidden, s),
+                        "adapter",
+                        i,
+                        mod,
+                        plan.work.param_bytes,
+                    )
+                )
+                plan.adapters.append(Adapter(i, mod, saves_input=False, act_per_token=s))
 
     def prepare(self, model: nn.Module, ctx: PrepareContext) -> nn.Module:
         cfg = model.config

@@ -106,6 +106,46 @@ class SpIEL(ParamsMethod):
             if self.update_every < 1 or self.grow_window < 1:
                 raise ValueError("update_every and grow_window must be >= 1")
 
+    def memory(self, plan: Any) -> None:
+        """``density`` x the block linears' weights as trainable values (plus int64 indices).
+        Each layer computes with a dense W + delta that autograd keeps for backward (one weight
+        copy per linear) next to its input; backward forms each dense weight gradient for a
+        moment; within ``grow_window`` steps of an update a dense fp32 |gradient| buffer
+        exists per linear (counted when the run is long enough to reach one)."""
+        from ...plan.planner import Adapter, Spec
+
+        c, w = self.cfg, plan.work
+        plan.freeze_all()
+        linears = plan.linears()
+        for s in linears:
+            k = max(1, round(c.density * s.numel))
+            plan.add_new(
+                Spec(s.name + ".values", (k,), "adapter", s.layer, s.module, w.param_bytes)
+            )
+            plan.adapters.append(Adapter(s.layer, s.module, saves_input=True))
+        n_idx = sum(max(1, round(c.density * s.numel)) for s in linears)
+        plan.add("adapters", n_idx * 8, "always", "int64 indices of the sparse entries")
+        per_block = [
+            sum(s.numel for s in linears if s.layer == i) * w.param_bytes
+            for i in range(plan.shape.layers)
+        ]
+        copies = max(per_block) if w.checkpointing else sum(per_block)
+        plan.add("activations", copies, "backward", "W + delta of every linear, kept for backward")
+        plan.add(
+            "backward transients",
+            max(s.numel for s in linears) * w.param_bytes,
+            "backward",
+            "one dense weight gradient",
+        )
+        if w.steps is None or w.steps > c.update_every - c.grow_window:
+            plan.add(
+                "optimizer state",
+                sum(s.numel for s in linears) * 4.0,
+                "always",
+                f"grow window: dense |grad| accumulators ({c.grow_window} of every "
+                f"{c.update_every} steps)",
+            )
+
     def prepare(self, model: nn.Module, ctx: PrepareContext) -> nn.Module:
         _, blocks = decoder_layers(model)
         block_ids = {id(m) for b in blocks for m in b.modules()}

@@ -1,0 +1,180 @@
+"""The memory planner against measured peaks: every registered method, fresh processes, CPU.
+
+Each params method runs with AdamW and each optimizer method with full fine-tuning (the
+method's defaults otherwise), ``--steps`` optimizer steps on SST-2 sentences packed into blocks
+of ``--seq`` tokens, batch ``--batch``, fp32 weights, no evaluation. Every run is its own
+process; its peak RSS is its ``ru_maxrss`` (``os.wait4``). The prediction is ``slimtune plan``'s
+for the same recipe (``Workload.steps`` = the run's steps). Prints one table per model and the
+worst ratio; target: every ratio within 15% (0.85-1.15).
+
+    .venv/bin/python benchmarks/plan_accuracy.py --models smollm2-135m,gemma3-270m \\
+        --out bench-out/plan_accuracy.md
+
+About 30-60 s a row on 2 cores (model load, calibration where a method has one, 3 steps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from fresh_process import run_worker
+from tasks import packed_sst2
+
+PLAN_NAMES = {"smollm2-135m": "smollm2-135m", "gemma3-270m": "gemma-3-270m"}
+
+
+def rows() -> list[tuple[str, str]]:
+    from slimtune import registry
+
+    out = [(p, "adamw") for p in registry.names("params")]
+    out += [("full", o) for o in registry.names("optimizer") if o != "adamw"]
+    return out
+
+
+def recipe(model: str, params: str, optim: str, args: argparse.Namespace, out: str) -> dict:
+    return {
+        "model": {"name": model, "dtype": "fp32", "device": "cpu"},
+        "data": packed_sst2(max_seq_len=args.seq),
+        "params": {"name": params},
+        "optimizer": {"name": optim},
+        "train": {
+            "steps": args.steps,
+            "batch_size": args.batch,
+            "schedule": "constant",
+            "eval_before": False,
+            "progress": False,
+            "trim_memory": args.trim,
+            "gradient_checkpointing": args.checkpointing,
+        },
+        "output_dir": out,
+        "overwrite": True,
+    }
+
+
+def worker(spec_path: Path) -> None:
+    spec = json.loads(spec_path.read_text())
+    from slimtune import config, loop
+    from slimtune.memory import current_rss, peak_bytes
+
+    cfg = config.from_dict(spec["recipe"])
+    marks: list[dict[str, float]] = []
+
+    def on_step(step: int, model: Any, row: dict[str, Any] | None) -> None:
+        marks.append({"step": step, "rss": current_rss(), "peak": peak_bytes()})
+
+    t = time.perf_counter()
+    loop.train(cfg, on_step=on_step)
+    out = {"seconds": time.perf_counter() - t, "marks": marks}
+    Path(spec["result"]).write_text(json.dumps(out))
+
+
+def predict(model: str, params: str, optim: str, args: argparse.Namespace) -> Any:
+    from slimtune import config
+    from slimtune.plan.planner import plan, workload_of
+    from slimtune.plan.shapes import load_shape
+    from slimtune.registry import get
+
+    cfg = config.from_dict(recipe(model, params, optim, args, "unused"))
+    work = workload_of(cfg)
+    work = type(work)(**{**work.__dict__, "steps": args.steps})
+    p = get("params", params)(cfg.params)
+    o = get("optimizer", optim)(cfg.optimizer)
+    return plan(load_shape(PLAN_NAMES.get(model, model)), p, o, work, model)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="smollm2-135m")
+    parser.add_argument(
+        "--rows", default="", help="params/optimizer pairs, e.g. lora/adamw,full/mezo"
+    )
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--trim", action="store_true", help="train.trim_memory=true")
+    parser.add_argument("--checkpointing", action="store_true")
+    parser.add_argument("--work", type=Path, default=None)
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        worker(args.worker)
+        return
+    pairs = [tuple(r.split("/")) for r in args.rows.split(",") if r] or rows()
+    work = args.work or Path(tempfile.mkdtemp(prefix="plan-accuracy-"))
+    results: list[dict[str, Any]] = []
+    lines = [
+        f"# Planner vs measured peak (CPU, {platform.machine()}, {time.strftime('%Y-%m-%d %H:%M')})",
+        "",
+        f"seq {args.seq}, batch {args.batch}, {args.steps} steps, fp32 weights, no evaluation, "
+        f"checkpointing {'on' if args.checkpointing else 'off'}, trim_memory "
+        f"{'on' if args.trim else 'off'}; each row a fresh process (peak RSS from wait4).",
+    ]
+    for model in args.models.split(","):
+        lines += [
+            "",
+            f"## {model}",
+            "",
+            "| params | optimizer | predicted GB | measured GB | ratio | peak phase |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
+        for params, optim in pairs:
+            d = work / model / f"{params}-{optim}"
+            d.mkdir(parents=True, exist_ok=True)
+            rec = recipe(model, params, optim, args, str(d / "run"))
+            t = time.perf_counter()
+            res = run_worker(__file__, f"{params}/{optim}", rec, d)
+            pred = predict(model, params, optim, args)
+            ratio = pred.peak / res["peak_rss"]
+            print(
+                "   marks (GB):",
+                [
+                    (m["step"], round(m["rss"] / 2**30, 3), round(m["peak"] / 2**30, 3))
+                    for m in res["marks"]
+                ],
+            )
+            row = {
+                "model": model,
+                "params": params,
+                "optimizer": optim,
+                "predicted": pred.peak,
+                "measured": res["peak_rss"],
+                "ratio": ratio,
+                "phase": pred.peak_phase,
+                "terms": pred.by_name(),
+                "wall_s": time.perf_counter() - t,
+            }
+            results.append(row)
+            line = (
+                f"| {params} | {optim} | {pred.peak / 2**30:.3f} | {res['peak_rss'] / 2**30:.3f} "
+                f"| {ratio:.3f} | {pred.peak_phase} |"
+            )
+            lines.append(line)
+            print(line, f"({row['wall_s']:.0f} s)", flush=True)
+    ratios = [r["ratio"] for r in results]
+    worst = max(ratios, key=lambda x: abs(x - 1))
+    ok = all(0.85 <= r <= 1.15 for r in ratios)
+    lines += [
+        "",
+        f"Median ratio {statistics.median(ratios):.3f}; worst {worst:.3f}; "
+        f"{'PASS' if ok else 'FAIL'} every ratio within 15% ({len(ratios)} rows).",
+    ]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
