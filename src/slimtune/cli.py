@@ -1,4 +1,4 @@
-"""``slimtune train|fed|eval|merge|plan|methods|demo``. User errors print one line and exit with code 2."""
+"""``slimtune train|fed|eval|merge|plan|bench|methods|demo``. User errors print one line and exit with code 2."""
 
 from __future__ import annotations
 
@@ -290,6 +290,35 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from . import bench, config
+
+    recipe, overrides = _split_recipe(args.args)
+    if recipe is None:  # the demo task: SST-2 on the bundled SmolLM2, held-out accuracy
+        recipe = str(files("slimtune").joinpath("recipes/demo.yaml"))
+        overrides = ["eval.generate=0", "eval.max_examples=128", *overrides]
+    for o in overrides:
+        if o.split("=", 1)[0].split(".")[0] in ("params", "optimizer"):
+            raise SlimtuneError(
+                f"bench: {o!r}: each method brings its own params and optimizer; give options "
+                "with the method (e.g. --methods lora:params.r=4)"
+            )
+    data = config.read_yaml(recipe)
+    extra = {"train.steps": args.steps, "train.batch_size": args.batch, "model.name": args.model}
+    extra["data.path"] = args.data
+    overrides = [*overrides, *(f"{k}={v}" for k, v in extra.items() if v is not None)]
+    data = config.merge(data, config.parse_overrides(overrides))
+    entries = bench.parse_methods([m for spec in args.methods for m in spec.split(",") if m])
+    if not entries:
+        raise SlimtuneError("bench: --methods: name at least one method (e.g. full,lora,mezo)")
+    _quiet()
+    report = bench.run(data, entries, Path(args.out))
+    print()
+    print((Path(args.out) / "report.md").read_text().split("\n\n![")[0])
+    print(f"\nreport: {Path(args.out) / 'report.md'} (plots: loss.png, memory.png, speed.png)")
+    return 0 if report["methods"] else 1
+
+
 def registry_method(axis: str, cfg: Any) -> Any:
     from . import registry
 
@@ -378,6 +407,25 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--budget", help="rank every method that fits, e.g. 24GB")
     pl.add_argument("--json", action="store_true", help="print the breakdown as JSON")
     pl.set_defaults(fn=cmd_plan)
+    b = sub.add_parser(
+        "bench",
+        help="methods side by side, each in a fresh process: slimtune bench [RECIPE.yaml] "
+        "[key=value ...] --methods full,lora,mezo [--steps N]",
+    )
+    b.add_argument("args", nargs="*", metavar="RECIPE.yaml [key=value ...]")
+    b.add_argument(
+        "--methods",
+        action="append",
+        default=[],
+        help="comma-separated: params, optimizer or params+optimizer, each with optional "
+        ":params.KEY=V;optimizer.KEY=V (e.g. full:optimizer.lr=1e-5,lora,mezo)",
+    )
+    b.add_argument("--model", help="model name or path (default: the recipe's)")
+    b.add_argument("--data", help="data.path (default: the recipe's; demo: SST-2)")
+    b.add_argument("--steps", type=int, default=20, help="optimizer steps per method (20)")
+    b.add_argument("--batch", type=int, help="train.batch_size")
+    b.add_argument("--out", default="bench-report", help="report directory (must be empty)")
+    b.set_defaults(fn=cmd_bench)
     sub.add_parser("methods", help="list registered methods and their options").set_defaults(
         fn=cmd_methods
     )

@@ -438,7 +438,9 @@ class SegmentForward:
             local = (targets - v0).clamp(0, v1 - v0 - 1)[:, None]
             for j in range(k):
                 if spec.dual:
-                    wj = fwAD.make_dual(wb, z.to(wb.dtype))
+                    # a copy: the tangent of a view is allocated the size of the view's whole
+                    # storage (the full head) by forward AD, once per vocabulary block
+                    wj = fwAD.make_dual(wb.clone(), z.to(wb.dtype))
                 elif spec.scales[j] != 0:
                     wj = torch.add(wb.float(), z, alpha=spec.scales[j]).to(wb.dtype)
                 else:
@@ -780,9 +782,16 @@ class ZerothOrder(OptimizerMethod):
         biggest = max((s.numel for s in mats), default=0)
         temp = biggest * (8.0 + plan.work.param_bytes)  # W + s z (fp32), z, the cast
         temp = max(temp, CHUNK * 6.0)  # the update's z chunk and its 16-bit words
-        if self.sparse:  # per-tensor |w| quantile (fp32 copy and a mask) of the largest tensor
-            temp = max(temp, max(s.numel for s in plan.trainable) * 5.0)
+        if self.sparse:  # per-tensor |w| quantile: an fp32 |w| and kthvalue's work (<= CHUNK)
+            temp = max(temp, min(max(s.numel for s in plan.trainable), CHUNK) * 12.0)
         plan.add("temporaries", temp, "forward", "one module's perturbed weight / z chunk")
+        if c.estimator == "forward-grad":  # attention falls back to the math path under
+            w = plan.work  # forward AD: scores, masked scores, softmax, each with a tangent
+            att = 6 * w.batch * plan.shape.heads * w.seq * w.seq * 4.0
+            plan.add("activations", att, "forward", "attention matrices of one block (dual)")
+            if not plan.head_trains():  # a frozen head's chunk of logits carries a tangent
+                chunk = min(w.loss_chunk or w.tokens, w.tokens)
+                plan.add("loss buffer", 2 * chunk * plan.shape.vocab * 4.0, "forward", "tangents")
 
     sparse: ClassVar[bool] = False
 

@@ -1,0 +1,366 @@
+"""``slimtune bench``: methods side by side on the same recipe, each in a fresh process.
+
+Every method runs the same recipe (model, data, seed, data order, steps, batch) with only the
+``params`` / ``optimizer`` sections replaced, in its own subprocess, one after the other. The
+parent measures the machine's GEMM peak first (same dtype as the model), then per method:
+the loss curve (``metrics.jsonl``), the held-out metric before/after, peak memory (CPU: the
+child's peak RSS from ``wait4``; CUDA: its max allocated bytes), tokens/s, model-FLOPs
+utilisation against the measured GEMM peak (FLOPs per token from the planner) and the
+planner's predicted peak next to the measured one. It writes a report directory:
+``report.md``, ``results.json`` and three PNG plots (loss vs step, peak memory, tokens/s).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import SlimtuneError
+
+GB = 1024**3
+
+
+@dataclass
+class Entry:
+    """One method of a bench: a label and the recipe sections it replaces."""
+
+    label: str
+    params: dict[str, Any]
+    optimizer: dict[str, Any]
+
+
+def parse_methods(specs: list[str]) -> list[Entry]:
+    """``params[+optimizer][:key=value;...]``: ``lora``, ``galore`` (full + galore),
+    ``lora+mezo``, ``full:optimizer.lr=1e-5``. Keys start with params. or optimizer."""
+    from . import config
+    from .plan import split_method
+
+    out = []
+    for spec in specs:
+        name, _, opts = spec.partition(":")
+        p, o = split_method(name.strip())
+        params: dict[str, Any] = {"name": p}
+        optim: dict[str, Any] = {"name": o}
+        for item in filter(None, (x.strip() for x in opts.split(";"))):
+            key, eq, value = item.partition("=")
+            section, _, field = key.partition(".")
+            if not eq or section not in ("params", "optimizer") or not field:
+                raise SlimtuneError(
+                    f"--methods: {spec!r}: options are params.KEY=VALUE or optimizer.KEY=VALUE"
+                )
+            target = params if section == "params" else optim
+            v = config.parse_overrides([f"x={value}"])["x"]
+            if isinstance(v, str):  # YAML 1.1 reads 1e-5 as text
+                with contextlib.suppress(ValueError):
+                    v = float(v)
+            target[field] = v
+        label = name.strip() + (f" ({opts})" if opts else "")
+        out.append(Entry(label, params, optim))
+    labels = [e.label for e in out]
+    if len(set(labels)) != len(labels):
+        raise SlimtuneError(f"--methods: a method is listed twice: {', '.join(labels)}")
+    return out
+
+
+def gemm_peak(dtype: str = "fp32", seconds: float = 2.0, n: int = 2048) -> float:
+    """Best FLOP/s of an n x n matmul on this machine's default device (CPU here), over about
+    ``seconds`` of repeats."""
+    import torch
+
+    from .models import DTYPES, pick_device
+
+    device = pick_device("auto")
+    a = torch.randn(n, n, device=device, dtype=DTYPES[dtype])
+    b = torch.randn(n, n, device=device, dtype=DTYPES[dtype])
+    a @ b  # warm-up
+    best, t_end = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < t_end:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = max(best, 2 * n**3 / (time.perf_counter() - t))
+    return best
+
+
+def _predict(cfg: Any) -> Any:
+    """The planner's breakdown for a recipe, or None where the model has no known shape."""
+    from .plan import shape_for
+    from .plan.planner import plan, workload_of
+    from .registry import get
+
+    try:
+        shape = shape_for(cfg.model.name)
+    except SlimtuneError:
+        return None
+    work = workload_of(cfg, cfg.model.device if cfg.model.device != "auto" else "cpu")
+    work = type(work)(**{**work.__dict__, "steps": cfg.train.steps or None})
+    p = get("params", cfg.params.name)(cfg.params)
+    o = get("optimizer", cfg.optimizer.name)(cfg.optimizer)
+    return plan(shape, p, o, work, cfg.model.name)
+
+
+def _run_one(
+    entry: Entry, recipe: dict[str, Any], work: Path, bar_desc: str, steps: int
+) -> dict[str, Any]:
+    """Run one method in a fresh process; follow its metrics.jsonl for the progress bar."""
+    from tqdm.auto import tqdm
+
+    work.mkdir(parents=True, exist_ok=True)
+    spec = {"recipe": recipe, "result": str(work / "result.json")}
+    (work / "spec.json").write_text(json.dumps(spec))
+    metrics = Path(recipe["output_dir"]) / "metrics.jsonl"
+    bar = tqdm(total=steps, desc=bar_desc, unit="step", leave=True)
+    t = time.perf_counter()
+    with (work / "log.txt").open("w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "slimtune.bench", str(work / "spec.json")],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
+        )
+        status, usage = None, None
+        while status is None:
+            pid, st, ru = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                status, usage = st, ru
+                proc.returncode = os.waitstatus_to_exitcode(st)
+            else:
+                time.sleep(0.5)
+            done = _count_steps(metrics)
+            if done > bar.n:
+                bar.update(done - bar.n)
+    bar.close()
+    if proc.returncode != 0:
+        tail = (work / "log.txt").read_text()[-2000:]
+        raise SlimtuneError(f"bench: {entry.label} failed (log {work / 'log.txt'}):\n{tail}")
+    res = json.loads((work / "result.json").read_text())
+    res["peak_rss"] = usage.ru_maxrss * 1024 if sys.platform != "darwin" else usage.ru_maxrss
+    res["wall_s"] = time.perf_counter() - t
+    return res
+
+
+def _count_steps(metrics: Path) -> int:
+    try:
+        with metrics.open() as f:
+            return sum(1 for line in f if '"eval"' not in line and line.strip())
+    except OSError:
+        return 0
+
+
+def worker(spec_path: str) -> None:
+    """The child: run the recipe, write the summary and the loss curve."""
+    from . import config
+    from .cli import _quiet
+    from .loop import train
+
+    _quiet()
+    spec = json.loads(Path(spec_path).read_text())
+    cfg = config.from_dict(spec["recipe"])
+    result = train(cfg)
+    rows = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    curve = [(r["step"], r["loss"]) for r in rows if "loss" in r and "eval" not in r]
+    Path(spec["result"]).write_text(json.dumps({"summary": result.summary, "curve": curve}))
+
+
+def run(
+    cfg_dict: dict[str, Any],
+    entries: list[Entry],
+    out_dir: Path,
+    gemm_seconds: float = 2.0,
+) -> dict[str, Any]:
+    """Run the bench; write and return the results (see the module docstring)."""
+    from . import config
+
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise SlimtuneError(f"bench: --out {str(out_dir)!r} is not empty")
+    # Validate every method's recipe before anything runs or is written.
+    recipes, cfgs = [], []
+    for e in entries:
+        r = {**cfg_dict, "params": e.params, "optimizer": e.optimizer}
+        cfgs.append(config.from_dict(r))
+        recipes.append(r)
+    steps = cfgs[0].train.steps
+    if not steps:
+        raise SlimtuneError("bench: train.steps must be set (--steps N)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    runs = out_dir / "runs"
+    dtype = cfgs[0].model.dtype
+    print(f"bench: measuring the GEMM peak ({dtype}) ...", flush=True)
+    peak = gemm_peak(dtype, gemm_seconds)
+    print(f"bench: GEMM peak {peak / 1e9:.0f} GFLOP/s; {len(entries)} methods x {steps} steps")
+    results = []
+    t0 = time.perf_counter()
+    for i, (e, r, c) in enumerate(zip(entries, recipes, cfgs)):
+        slug = f"{i:02d}-" + "".join(ch if ch.isalnum() else "-" for ch in e.label)[:40]
+        r = {**r, "output_dir": str(runs / slug), "overwrite": True}
+        r["train"] = {**r.get("train", {}), "progress": False}
+        elapsed = time.perf_counter() - t0
+        eta = "" if not i else f", ETA {elapsed / i * (len(entries) - i):.0f} s"
+        res = _run_one(
+            e, r, out_dir / "work" / slug, f"[{i + 1}/{len(entries)}] {e.label}{eta}", steps
+        )
+        s = res["summary"]
+        pred = _predict(c)
+        cuda = s["device"].startswith("cuda")
+        measured = s["peak_memory_bytes"] if cuda else res["peak_rss"]
+        flops = pred.flops_per_token if pred is not None else None
+        results.append(
+            {
+                "label": e.label,
+                "params": e.params,
+                "optimizer": e.optimizer,
+                "curve": res["curve"],
+                "final_loss": s["train_loss"],
+                "eval_before": s["eval_before"],
+                "eval_after": s["eval_after"],
+                "peak_bytes": measured,
+                "peak_kind": "max allocated" if cuda else "peak RSS",
+                "predicted_peak_bytes": pred.peak if pred is not None else None,
+                "tokens_per_s": s["tokens_per_s"],
+                "flops_per_token": flops,
+                "utilisation": (flops * s["tokens_per_s"] / peak) if flops else None,
+                "trainable_params": s["trainable_params"],
+                "train_seconds": s["train_seconds"],
+                "wall_seconds": res["wall_s"],
+                "device": s["device"],
+            }
+        )
+    report = {
+        "model": cfgs[0].model.name,
+        "dtype": dtype,
+        "steps": steps,
+        "batch_size": cfgs[0].train.batch_size,
+        "max_seq_len": cfgs[0].data.max_seq_len,
+        "data": cfgs[0].data.path,
+        "seed": cfgs[0].train.seed,
+        "gemm_peak_flops": peak,
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "methods": results,
+    }
+    (out_dir / "results.json").write_text(json.dumps(report, indent=1))
+    plots(report, out_dir)
+    (out_dir / "report.md").write_text(markdown(report))
+    return report
+
+
+def _metric(ev: dict[str, Any] | None) -> str:
+    if not ev:
+        return "-"
+    if "accuracy" in ev:
+        return f"{ev['accuracy']:.3f}"
+    return f"{ev.get('loss', float('nan')):.3f}"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    ms = report["methods"]
+    metric = "accuracy" if any("accuracy" in (m["eval_after"] or {}) for m in ms) else "loss"
+    lines = [
+        f"# slimtune bench: {report['model']} ({report['date']})",
+        "",
+        f"{report['steps']} steps of batch {report['batch_size']} x {report['max_seq_len']} "
+        f"tokens, {report['dtype']} weights, data `{report['data']}`, seed {report['seed']}; "
+        f"each method in a fresh process, same data order. GEMM peak measured in this run: "
+        f"{report['gemm_peak_flops'] / 1e9:.0f} GFLOP/s.",
+        "",
+        f"| method | trainable | final loss | held-out {metric} before | after | peak GB "
+        "| planned GB | tokens/s | utilisation | wall s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for m in ms:
+        pred = m["predicted_peak_bytes"]
+        util = m["utilisation"]
+        lines.append(
+            f"| {m['label']} | {m['trainable_params']:,} | {m['final_loss']:.4f} "
+            f"| {_metric(m['eval_before'])} | {_metric(m['eval_after'])} "
+            f"| {m['peak_bytes'] / GB:.2f} | {pred / GB:.2f} | {m['tokens_per_s']:.0f} "
+            f"| {100 * util:.1f}% | {m['wall_seconds']:.0f} |"
+            if pred is not None and util is not None
+            else f"| {m['label']} | {m['trainable_params']:,} | {m['final_loss']:.4f} "
+            f"| {_metric(m['eval_before'])} | {_metric(m['eval_after'])} "
+            f"| {m['peak_bytes'] / GB:.2f} | - | {m['tokens_per_s']:.0f} | - "
+            f"| {m['wall_seconds']:.0f} |"
+        )
+    lines += [
+        "",
+        f"Peak: {ms[0]['peak_kind']} of the method's process (evaluation included). Planned: "
+        "`slimtune plan` for the same recipe. Utilisation: model FLOPs per token (planner) x "
+        "tokens/s / GEMM peak.",
+        "",
+        "![loss](loss.png)",
+        "",
+        "![peak memory](memory.png)",
+        "",
+        "![tokens/s](speed.png)",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def plots(report: dict[str, Any], out_dir: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ms = report["methods"]
+    labels = [m["label"] for m in ms]
+    title = f"{report['model']}, batch {report['batch_size']} x {report['max_seq_len']}"
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for m in ms:
+        steps, losses = zip(*m["curve"]) if m["curve"] else ((), ())
+        ax.plot(steps, losses, marker="o", markersize=3, label=m["label"])
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.set_title(f"Loss vs step ({title})")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / "loss.png", dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    x = range(len(ms))
+    ax.bar(x, [m["peak_bytes"] / GB for m in ms], color="tab:blue", label=ms[0]["peak_kind"])
+    planned = [
+        (i, m["predicted_peak_bytes"] / GB) for i, m in enumerate(ms) if m["predicted_peak_bytes"]
+    ]
+    if planned:
+        ax.scatter(*zip(*planned), color="tab:red", marker="_", s=900, linewidths=2.5,
+                   label="planned (slimtune plan)", zorder=3)  # fmt: skip
+    ax.set_xticks(list(x), labels, rotation=20, ha="right")
+    ax.set_ylabel("GB")
+    ax.set_title(f"Peak memory ({title})")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / "memory.png", dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    bars = ax.bar(x, [m["tokens_per_s"] for m in ms], color="tab:green")
+    for b, m in zip(bars, ms):
+        if m["utilisation"] is not None:
+            ax.annotate(f"{100 * m['utilisation']:.0f}% of peak", (b.get_x() + b.get_width() / 2,
+                        b.get_height()), ha="center", va="bottom", fontsize=8)  # fmt: skip
+    ax.set_xticks(list(x), labels, rotation=20, ha="right")
+    ax.set_ylabel("training tokens / s")
+    ax.set_title(f"Throughput ({title})")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_dir / "speed.png", dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    worker(sys.argv[1])

@@ -1,0 +1,72 @@
+"""``slimtune bench``: fresh process per method, same data order, report with PNG plots."""
+
+from __future__ import annotations
+
+import json
+
+import matplotlib.image
+import pytest
+import yaml
+
+from slimtune import bench
+from slimtune.cli import main
+from slimtune.errors import SlimtuneError
+
+from .conftest import tiny_recipe
+
+
+def test_method_specs_parse():
+    full, lora, zo = bench.parse_methods(["full:optimizer.lr=1e-5", "lora:params.r=2", "mezo"])
+    assert (full.params, full.optimizer) == ({"name": "full"}, {"name": "adamw", "lr": 1e-5})
+    assert lora.params == {"name": "lora", "r": 2} and lora.optimizer == {"name": "adamw"}
+    assert (zo.params, zo.optimizer) == ({"name": "full"}, {"name": "mezo"})
+    with pytest.raises(SlimtuneError, match="params.KEY=VALUE"):
+        bench.parse_methods(["lora:r=2"])
+    with pytest.raises(SlimtuneError, match="listed twice"):
+        bench.parse_methods(["lora", "lora"])
+    with pytest.raises(SlimtuneError, match="did you mean 'lora'"):
+        bench.parse_methods(["lorra"])
+
+
+def test_bench_runs_each_method_and_writes_the_report(tmp_path, cls_data):
+    recipe = tiny_recipe(cls_data, tmp_path / "unused", eval={"batch_size": 4})
+    recipe["train"]["steps"] = 3
+    entries = bench.parse_methods(["full", "lora:optimizer.lr=0.01", "mezo"])
+    out = tmp_path / "report"
+    report = bench.run(recipe, entries, out, gemm_seconds=0.2)
+    assert report["gemm_peak_flops"] > 1e8
+    for name in ("report.md", "results.json", "loss.png", "memory.png", "speed.png"):
+        assert (out / name).is_file(), name
+    for name in ("loss.png", "memory.png", "speed.png"):
+        img = matplotlib.image.imread(out / name)
+        assert img.shape[0] > 300 and img.shape[1] > 500 and img.std() > 0.01  # drawn, not blank
+    raw = json.loads((out / "results.json").read_text())
+    full, lora, zo = raw["methods"]
+    assert [s for s, _ in full["curve"]] == [1, 2, 3]
+    # same seed and data order: the first loss (before any update) is the same model on the
+    # same batch for full fine-tuning and LoRA (B = 0)
+    assert full["curve"][0][1] == pytest.approx(lora["curve"][0][1], rel=1e-5)
+    assert lora["trainable_params"] < full["trainable_params"]
+    for m in raw["methods"]:
+        assert m["peak_bytes"] > 2**20 and m["tokens_per_s"] > 0
+        assert m["eval_after"]  # held-out metric after training
+    text = (out / "report.md").read_text()
+    assert "| full |" in text and "| mezo |" in text and "![loss](loss.png)" in text
+
+
+def test_bench_cli_errors_are_one_line(tmp_path, cls_data, capsys):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(tiny_recipe(cls_data, tmp_path / "out")))
+    assert main(["bench", str(path), "--methods", "lorra", "--out", str(tmp_path / "r")]) == 2
+    assert "did you mean 'lora'" in capsys.readouterr().err
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "x").write_text("")
+    assert main(["bench", str(path), "--methods", "full", "--out", str(busy)]) == 2
+    assert "is not empty" in capsys.readouterr().err
+    out = tmp_path / "new"
+    assert main(["bench", str(path), "params.r=1", "--methods", "full", "--out", str(out)]) == 2
+    assert "give options with the method" in capsys.readouterr().err
+    assert main(["bench", str(path), "train.stepz=1", "--methods", "full", "--out", str(out)]) == 2
+    assert "unknown key 'stepz'" in capsys.readouterr().err
+    assert not out.exists()
