@@ -61,7 +61,8 @@ def parse_methods(specs: list[str]) -> list[Entry]:
                 with contextlib.suppress(ValueError):
                     v = float(v)
             target[field] = v
-        label = name.strip() + (f" ({opts})" if opts else "")
+        short = ", ".join(x.split(".", 1)[-1].strip() for x in opts.split(";") if x.strip())
+        label = name.strip() + (f" ({short})" if short else "")
         out.append(Entry(label, params, optim))
     labels = [e.label for e in out]
     if len(set(labels)) != len(labels):
@@ -315,8 +316,10 @@ def plots(report: dict[str, Any], out_dir: Path) -> None:
     ms = report["methods"]
     labels = [m["label"] for m in ms]
     title = f"{report['model']}, batch {report['batch_size']} x {report['max_seq_len']}"
+    width = max(7.0, 0.45 * len(ms) + 2)
+    many = len(ms) > 6
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = plt.subplots(figsize=(width, 4.8))
     for m in ms:
         steps, losses = zip(*m["curve"]) if m["curve"] else ((), ())
         ax.plot(steps, losses, marker="o", markersize=3, label=m["label"])
@@ -324,12 +327,12 @@ def plots(report: dict[str, Any], out_dir: Path) -> None:
     ax.set_ylabel("training loss")
     ax.set_title(f"Loss vs step ({title})")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=7 if many else 9, ncol=3 if many else 1)
     fig.tight_layout()
     fig.savefig(out_dir / "loss.png", dpi=120)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = plt.subplots(figsize=(width, 4.8))
     x = range(len(ms))
     ax.bar(x, [m["peak_bytes"] / GB for m in ms], color="tab:blue", label=ms[0]["peak_kind"])
     planned = [
@@ -338,7 +341,7 @@ def plots(report: dict[str, Any], out_dir: Path) -> None:
     if planned:
         ax.scatter(*zip(*planned), color="tab:red", marker="_", s=900, linewidths=2.5,
                    label="planned (slimtune plan)", zorder=3)  # fmt: skip
-    ax.set_xticks(list(x), labels, rotation=20, ha="right")
+    ax.set_xticks(list(x), labels, rotation=60 if many else 20, ha="right", fontsize=8)
     ax.set_ylabel("GB")
     ax.set_title(f"Peak memory ({title})")
     ax.grid(axis="y", alpha=0.3)
@@ -347,15 +350,15 @@ def plots(report: dict[str, Any], out_dir: Path) -> None:
     fig.savefig(out_dir / "memory.png", dpi=120)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = plt.subplots(figsize=(width, 4.8))
     bars = ax.bar(x, [m["tokens_per_s"] for m in ms], color="tab:green")
     for b, m in zip(bars, ms):
         if m["utilisation"] is not None:
-            ax.annotate(f"{100 * m['utilisation']:.0f}% of peak", (b.get_x() + b.get_width() / 2,
+            ax.annotate(f"{100 * m['utilisation']:.0f}%", (b.get_x() + b.get_width() / 2,
                         b.get_height()), ha="center", va="bottom", fontsize=8)  # fmt: skip
-    ax.set_xticks(list(x), labels, rotation=20, ha="right")
+    ax.set_xticks(list(x), labels, rotation=60 if many else 20, ha="right", fontsize=8)
     ax.set_ylabel("training tokens / s")
-    ax.set_title(f"Throughput ({title})")
+    ax.set_title(f"Throughput ({title}); labels: % of the measured GEMM peak")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(out_dir / "speed.png", dpi=120)

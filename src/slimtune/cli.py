@@ -228,7 +228,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from . import config
-    from .plan import format_breakdown, parse_size, rank, shape_for, split_method
+    from .plan import format_breakdown, label, parse_size, rank, shape_for, split_method
     from .plan.planner import GB, Workload, method, plan, workload_of
 
     recipe, overrides = _split_recipe(args.args)
@@ -260,13 +260,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
             f"{model}: batch {work.batch} x seq {work.seq}, weights {work.weights}, "
             f"{work.device}; budget {budget / GB:.2f} GB"
         )
-        print(f"{'':2}{'params + optimizer':<30}{'peak GB':>9}{'trainable':>16}  notes")
+        print(f"{'fits':<6}{'params + optimizer':<44}{'peak GB':>9}{'trainable':>16}  notes")
         for r in ranked:
             b = r.breakdown
-            mark = "ok" if r.fits else "--"
+            mark = "yes" if r.fits else "no"
             note = "checkpointing" if r.checkpointing and not work.checkpointing else ""
             print(
-                f"{mark:<2}{r.params + ' + ' + r.optimizer:<30}{b.peak / GB:>9.2f}"
+                f"{mark:<6}{label(r.params) + ' + ' + label(r.optimizer):<44}{b.peak / GB:>9.2f}"
                 f"{b.trainable_params:>16,}  {note}"
             )
         n_fit = sum(r.fits for r in ranked)

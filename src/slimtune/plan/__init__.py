@@ -86,19 +86,28 @@ def estimate(
 
 def candidates() -> list[tuple[str, str]]:
     """What ``--budget`` ranks: every params method with AdamW, every optimizer with full
-    fine-tuning, and LoRA with each optimizer (each method in its default configuration)."""
+    fine-tuning (each in its default configuration), GaLore layer-wise with 8-bit state and
+    LoRA with MeZO."""
     from .. import registry
 
-    out = [(p, "adamw") for p in registry.names("params")]
+    out: list[tuple[Any, Any]] = [(p, "adamw") for p in registry.names("params")]
     out += [("full", o) for o in registry.names("optimizer") if o != "adamw"]
-    out += [("lora", o) for o in registry.names("optimizer") if o != "adamw"]
-    return out
+    galore = {"name": "galore", "layerwise": True, "state_bits": 8}
+    return [*out, ("full", galore), ("lora", "mezo")]
+
+
+def label(spec: Any) -> str:
+    """'lora' or {'name': 'galore', 'layerwise': True} -> 'galore(layerwise=True)'."""
+    if isinstance(spec, str):
+        return spec
+    opts = ",".join(f"{k}={v}" for k, v in spec.items() if k != "name")
+    return f"{spec['name']}({opts})" if opts else spec["name"]
 
 
 @dataclass
 class Ranked:
-    params: str
-    optimizer: str
+    params: Any
+    optimizer: Any
     breakdown: Breakdown
     checkpointing: bool
     fits: bool
@@ -108,7 +117,7 @@ def rank(
     shape: ModelShape,
     work: Workload,
     budget: float,
-    pairs: list[tuple[str, str]] | None = None,
+    pairs: list[tuple[Any, Any]] | None = None,
     allow_checkpointing: bool = True,
     name: str = "",
 ) -> list[Ranked]:
