@@ -234,9 +234,24 @@ def test_zo_step_builds_no_graph_on_a_real_model(tmp_path, cls_data):
     assert result.summary["optimizer_state_bytes"] == 0
 
 
-def test_paired_forward_equals_separate_forwards(tmp_path, cls_data):
+def tiny_gemma3() -> nn.Module:
+    """A 2-block Gemma-3 text model: its input embedding is a subclass that scales its output."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    cfg = Gemma3TextConfig(
+        vocab_size=259, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=1, head_dim=16, sliding_window=8,
+        max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+    return Gemma3ForCausalLM(cfg)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_paired_forward_equals_separate_forwards(tmp_path, cls_data, arch):
     """The one stacked forward (W + eps z on copy 1, W - eps z on copy 2) gives the losses of
-    two plain forwards of the model with those weights, including the tied embedding/head."""
+    two plain forwards of the model with those weights, including the tied embedding/head (and
+    Gemma's embedding subclass, which scales what it looks up)."""
     from slimtune.data import collate, load_splits
     from slimtune.loss import causal_lm_loss, find_head
 
@@ -244,6 +259,8 @@ def test_paired_forward_equals_separate_forwards(tmp_path, cls_data):
     from slimtune.models import load_model
 
     model, tok = load_model("tiny-llama", "fp32", device=None)
+    if arch == "gemma3":
+        model = tiny_gemma3()
     model.config.use_cache = False
     splits = load_splits(cfg.data, tok)
     batch = collate(splits.train[:4], tok.pad_token_id)

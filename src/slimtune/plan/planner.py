@@ -500,9 +500,11 @@ class Plan:
                     "one block at a time (no graph)",
                 )
             )
-            terms.append(
-                Term("loss buffer", 2 * chunk * sh.vocab * 4.0, "forward", "one chunk of logits")
-            )
+            # Logits and log-softmax of one chunk. A perturbed head runs in vocabulary blocks
+            # instead, but measured peaks (Gemma-3's 262k vocabulary: ~0.5 GB above the
+            # decoder's) match this term better than the blocks' own size; kept as measured.
+            loss = 2 * chunk * sh.vocab * 4.0
+            terms.append(Term("loss buffer", loss, "forward", "one chunk of logits"))
         terms += self.extra
         return Breakdown(
             model=names[0],

@@ -235,9 +235,24 @@ class Perturber:
     def _run(self, module, mine, forward, args, kwargs, spec: _Pass, segments, n) -> Any:
         emb = isinstance(module, nn.Embedding) and len(mine) == 1 and mine[0][0] == "weight"
         if emb:
-            return self._embedding(
-                module, mine[0][1], args[0] if args else kwargs["input"], spec, segments, n
-            )
+            t = mine[0][1]
+            if type(module).forward is nn.Embedding.forward:
+                ids = args[0] if args else kwargs["input"]
+                return self._embedding(module, t, ids, spec, segments, n)
+            # A subclass (Gemma's scaled embedding) post-processes the lookup: run its own
+            # forward with the lookup of this weight answered by the perturbed-rows path.
+            lookup = F.embedding
+
+            def perturbed_lookup(ids: torch.Tensor, weight: torch.Tensor, *a: Any, **k: Any):
+                if weight is module.weight:
+                    return self._embedding(module, t, ids, spec, segments, n)
+                return lookup(ids, weight, *a, **k)
+
+            F.embedding = perturbed_lookup
+            try:
+                return forward(*args, **kwargs)
+            finally:
+                F.embedding = lookup
         zs = {name: self.z(t, spec.key, 0, t.param.numel(), t.param.detach()) for name, t in mine}
         outs = []
         for j in segments:
