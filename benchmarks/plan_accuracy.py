@@ -89,6 +89,20 @@ def predict(model: str, params: str, optim: str, args: argparse.Namespace) -> An
     return plan(load_shape(PLAN_NAMES.get(model, model)), p, o, work, model)
 
 
+def read_measured(paths: list[Path]) -> dict[tuple[str, str, str], float]:
+    """Measured peaks (bytes) by (model, params, optimizer) from earlier outputs."""
+    out: dict[tuple[str, str, str], float] = {}
+    for path in paths:
+        model = "smollm2-135m"
+        for line in path.read_text().splitlines():
+            if line.startswith("## "):
+                model = line[3:].strip()
+            elif line.startswith("| ") and not line.startswith(("| params", "| ---")):
+                cells = [c.strip() for c in line.strip().strip("|").split("|")]
+                out[model, cells[0], cells[1]] = float(cells[3]) * 2**30
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="smollm2-135m")
@@ -103,12 +117,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--work", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument(
+        "--measured",
+        default="",
+        help="comma-separated logs/tables of earlier runs of this script: reuse their measured "
+        "peaks (later files win) and only recompute the predictions",
+    )
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         worker(args.worker)
         return
     pairs = [tuple(r.split("/")) for r in args.rows.split(",") if r] or rows()
+    measured = read_measured([Path(f) for f in args.measured.split(",") if f])
     work = args.work or Path(tempfile.mkdtemp(prefix="plan-accuracy-"))
     results: list[dict[str, Any]] = []
     lines = [
@@ -128,10 +149,13 @@ def main(argv: list[str] | None = None) -> None:
         ]
         for params, optim in pairs:
             d = work / model / f"{params}-{optim}"
-            d.mkdir(parents=True, exist_ok=True)
-            rec = recipe(model, params, optim, args, str(d / "run"))
             t = time.perf_counter()
-            res = run_worker(__file__, f"{params}/{optim}", rec, d)
+            if (model, params, optim) in measured:
+                res = {"peak_rss": measured[model, params, optim], "marks": []}
+            else:
+                d.mkdir(parents=True, exist_ok=True)
+                rec = recipe(model, params, optim, args, str(d / "run"))
+                res = run_worker(__file__, f"{params}/{optim}", rec, d)
             pred = predict(model, params, optim, args)
             ratio = pred.peak / res["peak_rss"]
             print(

@@ -37,6 +37,7 @@ def test_bench_runs_each_method_and_writes_the_report(tmp_path, cls_data):
     assert report["gemm_peak_flops"] > 1e8
     for name in ("report.md", "results.json", "loss.png", "memory.png", "speed.png"):
         assert (out / name).is_file(), name
+    assert not (out / "runs").exists() or not any((out / "runs").iterdir())  # weights removed
     for name in ("loss.png", "memory.png", "speed.png"):
         img = matplotlib.image.imread(out / name)
         assert img.shape[0] > 300 and img.shape[1] > 500 and img.std() > 0.01  # drawn, not blank

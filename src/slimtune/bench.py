@@ -7,7 +7,8 @@ the loss curve (``metrics.jsonl``), the held-out metric before/after, peak memor
 child's peak RSS from ``wait4``; CUDA: its max allocated bytes), tokens/s, model-FLOPs
 utilisation against the measured GEMM peak (FLOPs per token from the planner) and the
 planner's predicted peak next to the measured one. It writes a report directory:
-``report.md``, ``results.json`` and three PNG plots (loss vs step, peak memory, tokens/s).
+``report.md``, ``results.json`` and three PNG plots (loss vs step, peak memory, tokens/s);
+``work/`` keeps each method's log; run directories (trained weights) are removed unless asked.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -121,6 +123,8 @@ def _run_one(
     (work / "spec.json").write_text(json.dumps(spec))
     metrics = Path(recipe["output_dir"]) / "metrics.jsonl"
     bar = tqdm(total=steps, desc=bar_desc, unit="step", leave=True)
+    bar.set_postfix_str("loading, evaluating")
+    started = False
     t = time.perf_counter()
     with (work / "log.txt").open("w") as log:
         proc = subprocess.Popen(
@@ -138,6 +142,10 @@ def _run_one(
             else:
                 time.sleep(0.5)
             done = _count_steps(metrics)
+            if done and not started:  # the rate starts with training, not with loading
+                bar.reset(total=steps)
+                bar.set_postfix_str("")
+                started = True
             if done > bar.n:
                 bar.update(done - bar.n)
     bar.close()
@@ -178,6 +186,7 @@ def run(
     entries: list[Entry],
     out_dir: Path,
     gemm_seconds: float = 2.0,
+    keep_runs: bool = False,
 ) -> dict[str, Any]:
     """Run the bench; write and return the results (see the module docstring)."""
     from . import config
@@ -210,6 +219,8 @@ def run(
         res = _run_one(
             e, r, out_dir / "work" / slug, f"[{i + 1}/{len(entries)}] {e.label}{eta}", steps
         )
+        if not keep_runs:  # the trained weights of every method would fill the disk
+            shutil.rmtree(r["output_dir"], ignore_errors=True)
         s = res["summary"]
         pred = _predict(c)
         cuda = s["device"].startswith("cuda")
@@ -294,8 +305,10 @@ def markdown(report: dict[str, Any]) -> str:
     lines += [
         "",
         f"Peak: {ms[0]['peak_kind']} of the method's process (evaluation included). Planned: "
-        "`slimtune plan` for the same recipe. Utilisation: model FLOPs per token (planner) x "
-        "tokens/s / GEMM peak.",
+        "`slimtune plan` for the same recipe, which prices every batch at data.max_seq_len "
+        "(padded batches are usually shorter, so measured peaks can fall below). Utilisation: "
+        "model FLOPs per token (planner) x tokens/s / GEMM peak; tokens/s counts non-padding "
+        "tokens.",
         "",
         "![loss](loss.png)",
         "",
@@ -358,7 +371,8 @@ def plots(report: dict[str, Any], out_dir: Path) -> None:
                         b.get_height()), ha="center", va="bottom", fontsize=8)  # fmt: skip
     ax.set_xticks(list(x), labels, rotation=60 if many else 20, ha="right", fontsize=8)
     ax.set_ylabel("training tokens / s")
-    ax.set_title(f"Throughput ({title}); labels: % of the measured GEMM peak")
+    ax.set_title(f"Throughput ({title})\nlabels: model FLOPs as % of the measured GEMM peak",
+                 fontsize=10)  # fmt: skip
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(out_dir / "speed.png", dpi=120)

@@ -312,7 +312,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if not entries:
         raise SlimtuneError("bench: --methods: name at least one method (e.g. full,lora,mezo)")
     _quiet()
-    report = bench.run(data, entries, Path(args.out))
+    report = bench.run(data, entries, Path(args.out), keep_runs=args.keep_runs)
     print()
     print((Path(args.out) / "report.md").read_text().split("\n\n![")[0])
     print(f"\nreport: {Path(args.out) / 'report.md'} (plots: loss.png, memory.png, speed.png)")
@@ -425,6 +425,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--steps", type=int, default=20, help="optimizer steps per method (20)")
     b.add_argument("--batch", type=int, help="train.batch_size")
     b.add_argument("--out", default="bench-report", help="report directory (must be empty)")
+    b.add_argument(
+        "--keep-runs", action="store_true", help="keep each method's run directory (weights)"
+    )
     b.set_defaults(fn=cmd_bench)
     sub.add_parser("methods", help="list registered methods and their options").set_defaults(
         fn=cmd_methods
