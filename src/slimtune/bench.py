@@ -105,7 +105,9 @@ def _predict(cfg: Any) -> Any:
         shape = shape_for(cfg.model.name)
     except SlimtuneError:
         return None
-    work = workload_of(cfg, cfg.model.device if cfg.model.device != "auto" else "cpu")
+    from .models import pick_device
+
+    work = workload_of(cfg, pick_device(cfg.model.device).type)
     work = type(work)(**{**work.__dict__, "steps": cfg.train.steps or None})
     p = get("params", cfg.params.name)(cfg.params)
     o = get("optimizer", cfg.optimizer.name)(cfg.optimizer)
@@ -333,14 +335,19 @@ def plots(report: dict[str, Any], out_dir: Path) -> None:
     many = len(ms) > 6
 
     fig, ax = plt.subplots(figsize=(width, 4.8))
-    for m in ms:
+    colours = plt.get_cmap("tab10").colors
+    for i, m in enumerate(ms):  # ten colours, then a new line style and marker: no two alike
         steps, losses = zip(*m["curve"]) if m["curve"] else ((), ())
-        ax.plot(steps, losses, marker="o", markersize=3, label=m["label"])
+        ax.plot(steps, losses, color=colours[i % 10], linestyle=("-", "--", ":", "-.")[i // 10 % 4],
+                marker="osv^D"[i // 10 % 5], markersize=3, label=m["label"])  # fmt: skip
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")
     ax.set_title(f"Loss vs step ({title})")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7 if many else 9, ncol=3 if many else 1)
+    if many:  # beside the axes, so no curve hides behind it
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), ncol=len(ms) // 16 + 1)
+    else:
+        ax.legend(fontsize=9)
     fig.tight_layout()
     fig.savefig(out_dir / "loss.png", dpi=120)
     plt.close(fig)

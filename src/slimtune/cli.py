@@ -233,7 +233,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     recipe, overrides = _split_recipe(args.args)
     cfg = config.load(recipe, overrides) if recipe or overrides else None
-    work = workload_of(cfg, cfg.model.device) if cfg is not None else Workload()
+    if cfg is not None:
+        from .models import pick_device
+
+        work = workload_of(cfg, pick_device(cfg.model.device).type)
+    else:
+        work = Workload(device="cuda" if _has_cuda() else "cpu")
     given = {
         "seq": args.seq,
         "batch": args.batch,
@@ -317,6 +322,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print((Path(args.out) / "report.md").read_text().split("\n\n![")[0])
     print(f"\nreport: {Path(args.out) / 'report.md'} (plots: loss.png, memory.png, speed.png)")
     return 0 if report["methods"] else 1
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def registry_method(axis: str, cfg: Any) -> Any:

@@ -504,7 +504,7 @@ class GaLore(OptimizerMethod):
         )
         temp = 3 * max((s.numel for s in projected), default=0) * 4.0
         temp = max(temp, 2 * max((s.nbytes for s in plain), default=0.0))
-        if c.layerwise:
+        if c.layerwise and plan.work.grad_accum == 1:  # accumulation keeps every gradient
             plan.grads = "per-tensor"
             plan.add("temporaries", temp, "backward", "one matrix's update inside backward")
         else:
