@@ -70,7 +70,7 @@ def test_bad_model_configs_are_named(tmp_path):
 from dataclasses import replace  # noqa: E402
 
 from slimtune import registry  # noqa: E402
-from slimtune.plan import estimate, label, parse_size, rank, split_method  # noqa: E402
+from slimtune.plan import candidates, estimate, label, parse_size, rank, split_method  # noqa: E402
 from slimtune.plan.planner import GB, Workload, inference, method, plan  # noqa: E402
 
 TINY = ModelShape(
@@ -349,6 +349,12 @@ def test_plan_cli(capsys, tmp_path):
     (b,) = json.loads(capsys.readouterr().out)
     assert (b["params"], b["workload"]["seq"], b["workload"]["batch"]) == ("lora", 64, 2)
     assert b["trainable_params"] == 30 * 4 * (576 + 576 + 576 + 192)  # r 4 on q and v
+    # With a budget, the recipe (its own options: r 4) is ranked among every candidate.
+    assert main(["plan", str(recipe), "--budget", "3GB"]) == 0
+    rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith(("yes", "no "))]
+    (mine,) = [r for r in rows if r.endswith("your recipe")]
+    assert mine.startswith("yes   lora + adamw") and f"{30 * 4 * 1920:,}" in mine
+    assert len(rows) == len(candidates()) and sum("lora + adamw" in r for r in rows) == 1
     assert main(["plan", "--model", "gpt-5"]) == 2
     assert "not a bundled config" in capsys.readouterr().err
     assert main(["plan", "--model", "smollm2-135m", "--budget", "lots"]) == 2

@@ -228,7 +228,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from . import config
-    from .plan import format_breakdown, label, parse_size, rank, shape_for, split_method
+    from .plan import (
+        candidates,
+        format_breakdown,
+        label,
+        parse_size,
+        rank,
+        shape_for,
+        split_method,
+    )
     from .plan.planner import GB, Workload, method, plan, workload_of
 
     recipe, overrides = _split_recipe(args.args)
@@ -256,10 +264,20 @@ def cmd_plan(args: argparse.Namespace) -> int:
     model = args.model or (cfg.model.name if cfg is not None else "smollm2-135m")
     shape = shape_for(model)
     pairs = [split_method(m) for spec in args.method for m in spec.split(",") if m]
+    mine = None  # the recipe's own methods, with its options
     if cfg is not None and not pairs:
-        pairs = [(cfg.params.name, cfg.optimizer.name)]
+        mine = (_spec_of(cfg.params), _spec_of(cfg.optimizer))
+        pairs = [mine]
     if args.budget:
         budget = parse_size(args.budget)
+        if mine is not None:  # the recipe, then every other candidate on the recipe's workload
+            own = (cfg.params.name, cfg.optimizer.name)
+            pairs = [mine] + [
+                (p, o)
+                for p, o in candidates()
+                if (p if isinstance(p, str) else p["name"], o if isinstance(o, str) else o["name"])
+                != own
+            ]
         ranked = rank(shape, work, budget, pairs or None, not args.checkpointing, model)
         print(
             f"{model}: batch {work.batch} x seq {work.seq}, weights {work.weights}, "
@@ -269,11 +287,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
         for r in ranked:
             b = r.breakdown
             mark = "yes" if r.fits else "no"
-            note = "checkpointing" if r.checkpointing and not work.checkpointing else ""
-            print(
-                f"{mark:<6}{label(r.params) + ' + ' + label(r.optimizer):<44}{b.peak / GB:>9.2f}"
-                f"{b.trainable_params:>16,}  {note}"
-            )
+            notes = ["checkpointing"] if r.checkpointing and not work.checkpointing else []
+            if mine is not None and r.params is mine[0]:
+                name = f"{cfg.params.name} + {cfg.optimizer.name}"
+                notes.append("your recipe")
+            else:
+                name = label(r.params) + " + " + label(r.optimizer)
+            note = ", ".join(notes)
+            print(f"{mark:<6}{name:<44}{b.peak / GB:>9.2f}{b.trainable_params:>16,}  {note}")
         n_fit = sum(r.fits for r in ranked)
         print(f"{n_fit} of {len(ranked)} fit, largest trainable capacity first")
         return 0 if n_fit else 1
@@ -281,11 +302,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         pairs = [("full", "adamw")]
     out = []
     for i, (p, o) in enumerate(pairs):
-        if cfg is not None and (p, o) == (cfg.params.name, cfg.optimizer.name):
-            pm = registry_method("params", cfg.params)
-            om = registry_method("optimizer", cfg.optimizer)
-        else:
-            pm, om = method("params", p), method("optimizer", o)
+        pm, om = method("params", p), method("optimizer", o)
         b = plan(shape, pm, om, work, model)
         out.append(b)
         if not args.json:
@@ -322,6 +339,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print((Path(args.out) / "report.md").read_text().split("\n\n![")[0])
     print(f"\nreport: {Path(args.out) / 'report.md'} (plots: loss.png, memory.png, speed.png)")
     return 0 if report["methods"] else 1
+
+
+def _spec_of(method_cfg: Any) -> dict[str, Any]:
+    """A recipe section's method config -> a ``{name: ..., field: ...}`` spec."""
+    from dataclasses import asdict
+
+    return {"name": method_cfg.name, **asdict(method_cfg)}
 
 
 def _has_cuda() -> bool:
