@@ -82,8 +82,7 @@ def predict(model: str, params: str, optim: str, args: argparse.Namespace) -> An
     from slimtune.registry import get
 
     cfg = config.from_dict(recipe(model, params, optim, args, "unused"))
-    work = workload_of(cfg)
-    work = type(work)(**{**work.__dict__, "steps": args.steps})
+    work = workload_of(cfg, steps=args.steps)
     p = get("params", params)(cfg.params)
     o = get("optimizer", optim)(cfg.optimizer)
     return plan(load_shape(PLAN_NAMES.get(model, model)), p, o, work, model)

@@ -105,10 +105,7 @@ def _predict(cfg: Any) -> Any:
         shape = shape_for(cfg.model.name)
     except SlimtuneError:
         return None
-    from .models import pick_device
-
-    work = workload_of(cfg, pick_device(cfg.model.device).type)
-    work = type(work)(**{**work.__dict__, "steps": cfg.train.steps or None})
+    work = workload_of(cfg, steps=cfg.train.steps or None)
     p = get("params", cfg.params.name)(cfg.params)
     o = get("optimizer", cfg.optimizer.name)(cfg.optimizer)
     return plan(shape, p, o, work, cfg.model.name)

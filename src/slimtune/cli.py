@@ -237,16 +237,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
         shape_for,
         split_method,
     )
-    from .plan.planner import GB, Workload, method, plan, workload_of
+    from .plan.planner import GB, Workload, device_kind, method, plan, workload_of
 
     recipe, overrides = _split_recipe(args.args)
     cfg = config.load(recipe, overrides) if recipe or overrides else None
-    if cfg is not None:
-        from .models import pick_device
-
-        work = workload_of(cfg, pick_device(cfg.model.device).type)
-    else:
-        work = Workload(device="cuda" if _has_cuda() else "cpu")
+    work = workload_of(cfg) if cfg is not None else Workload(device=device_kind())
     given = {
         "seq": args.seq,
         "batch": args.batch,
@@ -346,18 +341,6 @@ def _spec_of(method_cfg: Any) -> dict[str, Any]:
     from dataclasses import asdict
 
     return {"name": method_cfg.name, **asdict(method_cfg)}
-
-
-def _has_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def registry_method(axis: str, cfg: Any) -> Any:
-    from . import registry
-
-    return registry.get(axis, cfg.name)(cfg)
 
 
 def cmd_methods(args: argparse.Namespace) -> int:

@@ -535,10 +535,20 @@ def method(axis: str, spec: Any) -> Any:
     return registry.get(axis, cfg.name)(cfg)
 
 
-def workload_of(cfg: Any, device: str = "cpu") -> Workload:
-    """The workload a recipe (:class:`~slimtune.config.RunConfig`) describes."""
+def device_kind(device: str = "auto") -> Literal["cpu", "cuda"]:
+    """What the planner prices for a ``model.device``: 'auto' is CUDA when present."""
+    if device == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return "cuda" if device.startswith("cuda") else "cpu"
+
+
+def workload_of(cfg: Any, **fields: Any) -> Workload:
+    """The workload a recipe (:class:`~slimtune.config.RunConfig`) describes, on the device it
+    would run on; ``fields`` override any :class:`Workload` field."""
     tc = cfg.train
-    return Workload(
+    described = dict(
         seq=cfg.data.max_seq_len,
         batch=tc.batch_size,
         weights=cfg.model.dtype,
@@ -546,10 +556,11 @@ def workload_of(cfg: Any, device: str = "cpu") -> Workload:
         checkpointing=tc.gradient_checkpointing,
         loss_chunk=tc.loss_chunk_tokens,
         attention="eager" if cfg.model.attn_implementation == "eager" else "sdpa",
-        device="cuda" if device.startswith("cuda") else "cpu",
+        device=device_kind(cfg.model.device),
         grad_accum=tc.grad_accum,
         padded=not cfg.data.packing,
     )
+    return Workload(**{**described, **fields})
 
 
 def plan(
