@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import shutil
 import tempfile
@@ -19,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from .errors import SlimtuneError
 
 PREFIX = "step-"
 
@@ -75,7 +78,10 @@ def save(
     keep: int,
 ) -> Path:
     final = ckpt_root / f"{PREFIX}{step:07d}"
-    tmp = atomic_dir(final)
+    try:
+        tmp = atomic_dir(final)
+    except OSError as e:
+        raise _write_error(final, e) from None
     try:
         save_trainable(tmp / "trainable.safetensors")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
@@ -83,6 +89,9 @@ def save(
         torch.save(rng_state(), tmp / "rng.pt")
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
         commit_dir(tmp, final)
+    except OSError as e:  # a full disk, a quota, a vanished mount: the old checkpoints stand
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _write_error(final, e) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -98,9 +107,63 @@ def list_checkpoints(ckpt_root: Path) -> list[Path]:
     return sorted(done)
 
 
+def _write_error(final: Path, e: OSError) -> SlimtuneError:
+    good = list_checkpoints(final.parent)
+    where = f"the last good checkpoint is {good[-1]}" if good else "no checkpoint was written"
+    return SlimtuneError(f"checkpoint {str(final)!r}: cannot write: {e.strerror or e}; {where}")
+
+
 def load_file(path: Path) -> Any:
+    """A ``torch.save`` file of tensors and primitives; anything else is refused unread."""
     return torch.load(path, weights_only=True, map_location="cpu")
 
 
 def read_state(ckpt: Path) -> dict[str, Any]:
     return json.loads((ckpt / "state.json").read_text())
+
+
+STATE_KEYS = ("step", "position", "tokens", "train_seconds")
+
+
+def restore(ckpt: Path, *, load_trainable, optimizer: Any, scheduler: Any) -> dict[str, Any]:
+    """Load a checkpoint into the run; returns its ``state.json``. A damaged or foreign file
+    (truncated, corrupted, a pickle that is more than tensors) is one clear error naming it."""
+
+    def bad(name: str, why: str) -> SlimtuneError:
+        return SlimtuneError(
+            f"resume: checkpoint file {str(ckpt / name)!r}: {why}; remove {str(ckpt)!r} to resume "
+            "from the checkpoint before it"
+        )
+
+    try:
+        state = read_state(ckpt)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise bad("state.json", f"unreadable ({_first_line(e)})") from None
+    if not isinstance(state, dict) or any(
+        not isinstance(state.get(k), (int, float)) or isinstance(state.get(k), bool)
+        for k in STATE_KEYS
+    ):
+        raise bad("state.json", f"expected numbers {', '.join(STATE_KEYS)}")
+    steps = [
+        ("trainable.safetensors", lambda p: load_trainable(p)),
+        ("optimizer.pt", lambda p: optimizer.load_state_dict(load_file(p))),
+        ("scheduler.pt", lambda p: scheduler.load_state_dict(load_file(p))),
+        ("rng.pt", lambda p: set_rng_state(load_file(p))),
+    ]
+    for name, load in steps:
+        path = ckpt / name
+        if not path.is_file():
+            raise bad(name, "missing")
+        try:
+            load(path)
+        except pickle.UnpicklingError as e:
+            raise bad(name, f"refused: not a plain tensor file ({_first_line(e)})") from None
+        except Exception as e:  # any library's way of saying the bytes are damaged
+            raise bad(name, f"unreadable ({_first_line(e)})") from None
+    return state
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    first = text.splitlines()[0] if text else type(e).__name__
+    return first[:200]

@@ -11,6 +11,7 @@ import ast
 import dataclasses
 import difflib
 import inspect
+import math
 import textwrap
 import types
 import typing
@@ -193,6 +194,8 @@ class RunConfig:
     """Replace an existing non-empty output_dir."""
     resume: bool = False
     """Continue from the newest checkpoint in output_dir."""
+    resume_changes: list[str] = field(default_factory=list)
+    """Fields (e.g. [train.steps, optimizer.lr]) a resumed run may change from the checkpointed recipe; any other change is refused, since the resumed run would no longer equal an uninterrupted one. Changes are recorded in metrics.jsonl."""
 
     def to_dict(self) -> dict[str, Any]:
         out = {}
@@ -297,13 +300,19 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         raise bad
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 raise bad from None
-        raise bad
+        else:
+            raise bad
+        # No recipe field means anything with nan or inf (a limit of "none" is spelt 0), and
+        # either would pass every range check below (nan compares false) and spoil the run.
+        if not math.isfinite(number):
+            raise SlimtuneError(f"config: {where}: expected a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -318,7 +327,7 @@ def build(cls: type, data: Any, where: str) -> Any:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise SlimtuneError(f"config: {where}: expected a mapping, got {data!r}")
+        raise SlimtuneError(f"config: {where or 'recipe'}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     kwargs = {}
@@ -327,14 +336,15 @@ def build(cls: type, data: Any, where: str) -> Any:
             hint = difflib.get_close_matches(str(key), fields, n=1)
             extra = f" (did you mean {hint[0]!r}?)" if hint else ""
             allowed = ", ".join(fields)
+            scope = where or "top level of the recipe"
             raise SlimtuneError(
-                f"config: {where}: unknown key {key!r}{extra}; allowed keys: {allowed}"
+                f"config: {scope}: unknown key {key!r}{extra}; allowed keys: {allowed}"
             )
         kwargs[key] = _coerce(value, hints[key], f"{where}.{key}" if where else key)
     try:
         obj = cls(**kwargs)
     except (ValueError, TypeError) as e:
-        raise SlimtuneError(f"config: {where}: {e}") from None
+        raise SlimtuneError(f"config: {where or 'recipe'}: {e}") from None
     return obj
 
 
@@ -354,32 +364,84 @@ def _method(axis: str, spec: Any, default: str) -> Any:
     return cfg
 
 
-def _check_positive(cfg: RunConfig) -> None:
-    checks = [
-        ("train.batch_size", cfg.train.batch_size, 1),
-        ("train.grad_accum", cfg.train.grad_accum, 1),
-        ("train.steps", cfg.train.steps, 0),
-        ("train.warmup_steps", cfg.train.warmup_steps, 0),
-        ("train.eval_every", cfg.train.eval_every, 0),
-        ("train.save_every", cfg.train.save_every, 0),
-        ("train.keep_checkpoints", cfg.train.keep_checkpoints, 1),
-        ("train.log_every", cfg.train.log_every, 1),
-        ("train.loss_chunk_tokens", cfg.train.loss_chunk_tokens, 1),
-        ("data.max_seq_len", cfg.data.max_seq_len, 2),
-        ("eval.batch_size", cfg.eval.batch_size, 1),
-        ("eval.generate", cfg.eval.generate, 0),
+SEED_MAX = 2**32 - 1  # numpy's seeding (accelerate's set_seed seeds numpy too) takes 0..2**32-1
+
+
+def _check_ranges(cfg: RunConfig) -> None:
+    """Ranges of the recipe's numeric fields (types were checked while building)."""
+    t, d, e, f = cfg.train, cfg.data, cfg.eval, cfg.federated
+    at_least = [
+        ("train.batch_size", t.batch_size, 1),
+        ("train.grad_accum", t.grad_accum, 1),
+        ("train.steps", t.steps, 0),
+        ("train.warmup_steps", t.warmup_steps, 0),
+        ("train.eval_every", t.eval_every, 0),
+        ("train.save_every", t.save_every, 0),
+        ("train.keep_checkpoints", t.keep_checkpoints, 1),
+        ("train.log_every", t.log_every, 1),
+        ("train.loss_chunk_tokens", t.loss_chunk_tokens, 1),
+        ("train.max_grad_norm", t.max_grad_norm, 0),
+        ("train.seed", t.seed, 0),
+        ("data.max_seq_len", d.max_seq_len, 2),
+        ("data.eval_size", d.eval_size, 0),
+        ("data.seed", d.seed, 0),
+        ("eval.batch_size", e.batch_size, 1),
+        ("eval.generate", e.generate, 0),
+        ("eval.max_new_tokens", e.max_new_tokens, 1),
+        ("federated.round_timeout", f.round_timeout, 0),
+        ("federated.clip", f.clip, 0),
+        ("federated.seed", f.seed, 0),
     ]
-    for name, value, low in checks:
+    if d.limit is not None:
+        at_least.append(("data.limit", d.limit, 1))
+    if e.max_examples is not None:
+        at_least.append(("eval.max_examples", e.max_examples, 1))
+    for name, value, low in at_least:
         if value < low:
             raise SlimtuneError(f"config: {name}: must be >= {low}, got {value}")
-    if cfg.train.steps == 0 and cfg.train.epochs <= 0:
-        raise SlimtuneError("config: train.epochs: must be > 0 when train.steps is 0")
-    if cfg.train.max_grad_norm < 0:
-        raise SlimtuneError("config: train.max_grad_norm: must be >= 0")
-    if cfg.data.eval_size < 0:
-        raise SlimtuneError("config: data.eval_size: must be >= 0")
-    if not cfg.data.path:
+    above_zero = [
+        ("federated.server_lr", f.server_lr),
+        ("federated.cpus_per_client", f.cpus_per_client),
+    ]
+    above_zero += [
+        (f"federated.memory_budgets_mb[{i}]", v) for i, v in enumerate(f.memory_budgets_mb)
+    ]
+    above_zero += [(f"federated.ranks[{i}]", v) for i, v in enumerate(f.ranks)]
+    above_zero += [(f"federated.batch_sizes[{i}]", v) for i, v in enumerate(f.batch_sizes)]
+    for name, value in above_zero:
+        if value <= 0:
+            raise SlimtuneError(f"config: {name}: must be > 0, got {value}")
+    for name, value in [("train.seed", t.seed), ("data.seed", d.seed), ("federated.seed", f.seed)]:
+        if value > SEED_MAX:
+            raise SlimtuneError(f"config: {name}: must be <= {SEED_MAX}, got {value}")
+    if t.epochs <= 0:
+        raise SlimtuneError(f"config: train.epochs: must be > 0, got {t.epochs}")
+    if t.report_to:
+        _check_trackers(t.report_to)
+    if not d.path:
         raise SlimtuneError("config: data.path: required (a data file, directory or pkg:path)")
+
+
+def _check_trackers(names: list[str]) -> None:
+    """train.report_to: accelerate's tracker names, each installed (accelerate would otherwise
+    fail deep inside the run, after the model has loaded)."""
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
+
+    known = ["all", *LOGGER_TYPE_TO_CLASS]
+    available = {str(getattr(x, "value", x)) for x in get_available_trackers()}
+    for i, name in enumerate(names):
+        if name not in known:
+            hint = difflib.get_close_matches(name, known, n=1)
+            extra = f" (did you mean {hint[0]!r}?)" if hint else ""
+            raise SlimtuneError(
+                f"config: train.report_to[{i}]: unknown tracker {name!r}{extra}; "
+                f"choose from {', '.join(known)}"
+            )
+        if name != "all" and name not in available:
+            raise SlimtuneError(
+                f"config: train.report_to[{i}]: tracker {name!r} is not installed "
+                f"(pip install {name.replace('_', '-')})"
+            )
 
 
 def from_dict(data: dict[str, Any]) -> RunConfig:
@@ -390,36 +452,64 @@ def from_dict(data: dict[str, Any]) -> RunConfig:
     cfg = build(RunConfig, data, "")
     cfg.params = _method("params", params, "full")
     cfg.optimizer = _method("optimizer", optimizer, "adamw")
-    _check_positive(cfg)
+    _check_ranges(cfg)
     return cfg
 
 
+def _as_spec(key: str, value: Any) -> Any:
+    """A method axis given as a bare name (``params=lora``) is the spec ``{name: lora}``."""
+    if key in registry.AXES and isinstance(value, str):
+        return {"name": value}
+    return value
+
+
 def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """``["train.steps=10", "params.r=4"]`` -> nested dict; values are parsed as YAML scalars."""
+    """``["train.steps=10", "params.r=4"]`` -> nested dict; values are parsed as YAML scalars.
+
+    Order does not matter: ``params=lora params.r=4`` and ``params.r=4 params=lora`` both give
+    ``{params: {name: lora, r: 4}}``; of two values for one key the later wins.
+    """
     out: dict[str, Any] = {}
     for item in items:
         key, sep, raw = item.partition("=")
-        if not sep or not key:
+        if not sep or not key or "" in key.split("."):
             raise SlimtuneError(f"override {item!r}: expected key=value (e.g. train.steps=10)")
         try:
             value = yaml.safe_load(raw) if raw else ""
         except yaml.YAMLError:
             value = raw
-        node = out
         parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
+        node = out
+        for depth, part in enumerate(parts[:-1]):
+            node[part] = _as_spec(part, node.get(part, {})) if depth == 0 else node.get(part, {})
+            node = node[part]
             if not isinstance(node, dict):
-                raise SlimtuneError(f"override {item!r}: {part} is not a section")
-        node[parts[-1]] = value
+                raise SlimtuneError(
+                    f"override {item!r}: {'.'.join(parts[: depth + 1])} is not a section"
+                )
+        last = parts[-1]
+        value = _as_spec(last, value) if len(parts) == 1 else value
+        if isinstance(value, dict) and isinstance(node.get(last), dict):
+            value = merge(node[last], value)
+        node[last] = value
     return out
 
 
 def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """``extra`` over ``base``, section by section. A method axis that names another method
+    starts afresh: the options of the method it replaces do not apply to it."""
     out = dict(base)
     for key, value in extra.items():
-        if key in ("params", "optimizer") and isinstance(out.get(key), str):
-            out[key] = {"name": out[key]}
+        if key in registry.AXES:
+            old, value = _as_spec(key, out.get(key)), _as_spec(key, value)
+            if (
+                isinstance(old, dict)
+                and isinstance(value, dict)
+                and "name" in value
+                and old.get("name") != value["name"]
+            ):
+                old = {}
+            out[key] = old
         if isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = merge(out[key], value)
         else:
@@ -432,7 +522,16 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise SlimtuneError(f"recipe {str(path)!r}: no such file")
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise SlimtuneError(
+            f"recipe {str(path)!r} line {line}: not UTF-8 text (byte {e.start})"
+        ) from None
+    except OSError as e:
+        raise SlimtuneError(f"recipe {str(path)!r}: cannot read: {e.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""

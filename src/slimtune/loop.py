@@ -26,7 +26,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from . import checkpoint, config, registry
+from . import checkpoint, config, registry, rundir
 from .config import RunConfig
 from .data import Example, Splits, collate, index_stream, load_splits
 from .errors import SlimtuneError, TrainingDiverged
@@ -68,19 +68,42 @@ class LocalRound:
     setup: Callable[[torch.nn.Module, torch.optim.Optimizer, ParamsMethod], None] | None = None
 
 
-def _check_output_dir(cfg: RunConfig) -> Path:
-    run_dir = Path(cfg.output_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise SlimtuneError(f"config: output_dir: {str(run_dir)!r} exists and is not a directory")
-    busy = run_dir.is_dir() and any(run_dir.iterdir())
-    if busy and not (cfg.overwrite or cfg.resume):
-        raise SlimtuneError(
-            f"config: output_dir: {str(run_dir)!r} is not empty; set resume=true to continue "
-            "or overwrite=true to replace it"
-        )
-    if cfg.resume and not checkpoint.list_checkpoints(run_dir / "checkpoints"):
-        raise SlimtuneError(f"config: resume: no checkpoint in {str(run_dir / 'checkpoints')!r}")
-    return run_dir
+def _last_good(ckpt_root: Path) -> str:
+    good = checkpoint.list_checkpoints(ckpt_root)
+    return f"last good checkpoint: {good[-1]}" if good else "no checkpoint was written"
+
+
+def _check_finite(
+    state: dict[str, torch.Tensor], step: int, ckpt_root: Path, bar: Any, metrics_file: Any
+) -> None:
+    """No checkpoint and no final artefact may hold a non-finite weight. A finite loss and
+    gradient can still give one (an update that overflows, e.g. a huge learning rate); the run
+    then stops here, before writing, and the last checkpoint stays the last good one."""
+    bad = next((n for n, t in state.items() if not bool(torch.isfinite(t).all())), None)
+    if bad is None:
+        return
+    if bar is not None:
+        bar.close()
+    if metrics_file:
+        metrics_file.close()
+    raise TrainingDiverged(
+        f"training stopped after step {step}: weight {bad!r} is no longer finite (the update "
+        f"overflowed; lower optimizer.lr or set train.max_grad_norm); {_last_good(ckpt_root)}"
+    )
+
+
+def _apply_hyperparameters(
+    optimizer: torch.optim.Optimizer, scheduler: Any, fresh: list[dict[str, Any]]
+) -> None:
+    """A resume allowed to change optimizer fields (``resume_changes``): the checkpoint's state
+    dict brought back the old hyperparameters; put the recipe's back, and its learning rate
+    where the schedule now stands."""
+    for group, new in zip(optimizer.param_groups, fresh):
+        group.update(new)
+    scheduler.base_lrs = [g["initial_lr"] for g in optimizer.param_groups]
+    for group, base, fn in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * fn(scheduler.last_epoch)
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
 
 
 def total_steps(cfg: RunConfig, n_train: int, world: int) -> int:
@@ -126,10 +149,7 @@ def train(
     every optimizer step (and any checkpoint of that step): for progress displays and tests.
     """
     t_start = time.perf_counter()
-    run_dir = _check_output_dir(cfg)
-    tc = cfg.train
-
-    # --- set-up; nothing is written until all of it has succeeded ---------------------------
+    run_dir, tc = rundir.check(cfg), cfg.train
     device = pick_device(cfg.model.device)
     # accelerate keeps one process-wide state; a second run in the same process (a notebook, a
     # benchmark) with other precision or device settings must start from a clean one. The
@@ -141,6 +161,44 @@ def train(
         log_with=tc.report_to or None,
         project_dir=str(run_dir),
     )
+    # Every process has checked output_dir (rundir.check) before the main one takes it: it
+    # creates it if needed and holds a lock on it for the run's life. Process group creation is
+    # not a barrier with every backend (e.g. lazily initialised NCCL), hence the explicit one.
+    accelerator.wait_for_everyone()
+    owner = rundir.RunDir.acquire(cfg) if accelerator.is_main_process else None
+    accelerator.wait_for_everyone()
+    phase = {"started": False}
+    try:
+        return _run(cfg, accelerator, owner, phase, t_start, on_step, splits, local)
+    except BaseException:
+        # Until the run has started (set-up done, checkpoint loaded), a failure leaves the
+        # directory as it was: what this run created is removed, an overwritten run is still
+        # there. After it, checkpoints and metrics stay for the diagnosis and the resume.
+        work = Path(cfg.output_dir) / rundir.WORK
+        shutil.rmtree(
+            work if owner is not None else work / f"rank{accelerator.process_index}",
+            ignore_errors=True,
+        )
+        if owner is not None and not phase["started"]:
+            owner.abandon()
+        raise
+    finally:
+        if owner is not None:
+            owner.release()
+
+
+def _run(
+    cfg: RunConfig,
+    accelerator: Accelerator,
+    owner: rundir.RunDir | None,
+    phase: dict[str, bool],
+    t_start: float,
+    on_step: Callable[[int, torch.nn.Module, dict[str, Any] | None], None] | None,
+    splits: Splits | None,
+    local: LocalRound | None,
+) -> RunResult:
+    # --- set-up; nothing is written until all of it has succeeded ---------------------------
+    run_dir, tc = Path(cfg.output_dir), cfg.train
     rank, world = accelerator.process_index, accelerator.num_processes
     set_seed(tc.seed)
     if local is not None:
@@ -161,7 +219,7 @@ def train(
 
     method: ParamsMethod = registry.get("params", cfg.params.name)(cfg.params)
     optim_method = registry.get("optimizer", cfg.optimizer.name)(cfg.optimizer)
-    work_dir = run_dir / ".work" / f"rank{rank}"  # prepare() scratch, per process
+    work_dir = run_dir / rundir.WORK / f"rank{rank}"  # prepare() scratch, per process
 
     def calibration():
         cal = Batches(splits.train, tc.batch_size, tc.seed + 1, 0, 1)
@@ -171,94 +229,99 @@ def train(
     model.to(accelerator.device)
     source = local.calibration if local is not None and local.calibration else calibration
     ctx = PrepareContext(tok, work_dir, tc.seed, source, extras={"total_steps": steps})
-    # Every process has run _check_output_dir before the main one writes into run_dir (process
-    # group creation is not a barrier with every backend, e.g. lazily initialised NCCL).
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process and cfg.overwrite and run_dir.is_dir() and not cfg.resume:
-        shutil.rmtree(run_dir)
-    accelerator.wait_for_everyone()
     work_dir.mkdir(parents=True, exist_ok=True)
-    # Until the run starts, a failure (bad input found while setting up) leaves no run dir.
-    try:
-        model = method.prepare(model, ctx)
-        model.config.use_cache = False
-        if tc.gradient_checkpointing:
-            model.activation_checkpointing_enable(
-                activation_checkpointing_kwargs={"use_reentrant": False}
-            )
-        n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        n_total = sum(p.numel() for p in model.parameters())
-        if n_trainable == 0:
-            raise SlimtuneError(f"params: method {cfg.params.name!r} left no trainable parameter")
-        groups = method.param_groups(model, cfg.optimizer.weight_decay)
-        optimizer = optim_method.build(groups, model)
-        # An optimizer that updates inside backward (layer-wise GaLore) clips and reports the norm
-        # itself; the loop tells it which micro-batch is the last (methods/base.py).
-        in_backward = bool(getattr(optimizer, "steps_in_backward", False))
-        if in_backward:
-            if world > 1:
-                raise SlimtuneError(
-                    f"optimizer: {cfg.optimizer.name}: layerwise updates run in a single process "
-                    f"only (this run has {world}); set optimizer.layerwise=false"
-                )
-            if tc.mixed_precision == "fp16":
-                raise SlimtuneError(
-                    f"optimizer: {cfg.optimizer.name}: layerwise updates cannot be combined with "
-                    "train.mixed_precision=fp16 (its loss scaling unscales gradients at step(), after "
-                    "they were applied); use bf16 or no"
-                )
-            optimizer.max_grad_norm = tc.max_grad_norm
-        zeroth = bool(getattr(optimizer, "zeroth_order", False))
-        if zeroth:
-            if tc.mixed_precision == "fp16":
-                raise SlimtuneError(
-                    f"optimizer: {cfg.optimizer.name}: zeroth-order steps take no fp16 loss "
-                    "scaling; use train.mixed_precision=bf16 or no"
-                )
-            optimizer.loss_chunk_tokens = tc.loss_chunk_tokens
-        raw_optimizer = optimizer
-        if local is not None and local.setup is not None:
-            local.setup(model, optimizer, method)
-        scheduler = get_scheduler(
-            SCHEDULES[tc.schedule],
-            optimizer,
-            num_warmup_steps=tc.warmup_steps,
-            num_training_steps=steps,
+    model = method.prepare(model, ctx)
+    model.config.use_cache = False
+    if tc.gradient_checkpointing:
+        model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False}
         )
-        # Resolve the head before accelerate wraps forward in autocast: the check compares the
-        # model's own logits with head(final hidden state) in the model's dtype.
-        head: Head = find_head(model)
-        trims = []
-        if tc.trim_memory and accelerator.device.type == "cpu":
-            trims = trim_after_blocks(model)
-            if not trims:
-                log.warning("train.trim_memory: not glibc or no transformer blocks; no effect")
-        model.train()
-        model, optimizer = accelerator.prepare(model, optimizer)
-        plain = accelerator.unwrap_model(model)
-    except BaseException:
-        if accelerator.is_main_process and not cfg.resume:
-            shutil.rmtree(run_dir, ignore_errors=True)
-        raise
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_total = sum(p.numel() for p in model.parameters())
+    if n_trainable == 0:
+        raise SlimtuneError(f"params: method {cfg.params.name!r} left no trainable parameter")
+    groups = method.param_groups(model, cfg.optimizer.weight_decay)
+    optimizer = optim_method.build(groups, model)
+    # An optimizer that updates inside backward (layer-wise GaLore) clips and reports the norm
+    # itself; the loop tells it which micro-batch is the last (methods/base.py).
+    in_backward = bool(getattr(optimizer, "steps_in_backward", False))
+    if in_backward:
+        if world > 1:
+            raise SlimtuneError(
+                f"optimizer: {cfg.optimizer.name}: layerwise updates run in a single process "
+                f"only (this run has {world}); set optimizer.layerwise=false"
+            )
+        if tc.mixed_precision == "fp16":
+            raise SlimtuneError(
+                f"optimizer: {cfg.optimizer.name}: layerwise updates cannot be combined with "
+                "train.mixed_precision=fp16 (its loss scaling unscales gradients at step(), after "
+                "they were applied); use bf16 or no"
+            )
+        optimizer.max_grad_norm = tc.max_grad_norm
+    zeroth = bool(getattr(optimizer, "zeroth_order", False))
+    if zeroth:
+        if tc.mixed_precision == "fp16":
+            raise SlimtuneError(
+                f"optimizer: {cfg.optimizer.name}: zeroth-order steps take no fp16 loss "
+                "scaling; use train.mixed_precision=bf16 or no"
+            )
+        optimizer.loss_chunk_tokens = tc.loss_chunk_tokens
+    raw_optimizer = optimizer
+    if local is not None and local.setup is not None:
+        local.setup(model, optimizer, method)
+    scheduler = get_scheduler(
+        SCHEDULES[tc.schedule],
+        optimizer,
+        num_warmup_steps=tc.warmup_steps,
+        num_training_steps=steps,
+    )
+    # Resolve the head before accelerate wraps forward in autocast: the check compares the
+    # model's own logits with head(final hidden state) in the model's dtype.
+    head: Head = find_head(model)
+    trims = []
+    if tc.trim_memory and accelerator.device.type == "cpu":
+        trims = trim_after_blocks(model)
+        if not trims:
+            log.warning("train.trim_memory: not glibc or no transformer blocks; no effect")
+    model.train()
+    model, optimizer = accelerator.prepare(model, optimizer)
+    plain = accelerator.unwrap_model(model)
 
     # --- the run directory -------------------------------------------------------------------
     step, tokens_seen, train_seconds = 0, 0, 0.0
     ckpt_root = run_dir / "checkpoints"
+    changes: dict[str, list[Any]] = {}
     if cfg.resume:
         last = checkpoint.list_checkpoints(ckpt_root)[-1]
-        state = checkpoint.read_state(last)
-        method.load_trainable(plain, last / "trainable.safetensors")
-        optimizer.load_state_dict(checkpoint.load_file(last / "optimizer.pt"))
-        scheduler.load_state_dict(checkpoint.load_file(last / "scheduler.pt"))
-        checkpoint.set_rng_state(checkpoint.load_file(last / "rng.pt"))
+        changes = rundir.resume_changes(cfg, run_dir)
+        # The freshly built hyperparameters, before the checkpoint's replace them.
+        fresh = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+        state = checkpoint.restore(
+            last,
+            load_trainable=lambda p: method.load_trainable(plain, p),
+            optimizer=optimizer,
+            scheduler=scheduler,
+        )
+        if any(k.startswith("optimizer.") for k in changes):
+            _apply_hyperparameters(optimizer, scheduler, fresh)
         step, tokens_seen = state["step"], state["tokens"]
         train_seconds = state["train_seconds"]
         batches.seek(state["position"])
         log.warning("resumed from %s (step %d)", last, step)
     main = accelerator.is_main_process
     if main:
+        if cfg.overwrite and not cfg.resume:
+            owner.clear()
+        owner.tidy()
+        if cfg.resume:
+            rundir.truncate_metrics(run_dir, step)
         (run_dir / "config.yaml").write_text(config.dump(cfg))
+    phase["started"] = True
     metrics_file = (run_dir / "metrics.jsonl").open("a") if main else None
+    if main and changes:
+        metrics_file.write(
+            json.dumps({"event": "resume", "from_step": step, "changes": changes}) + "\n"
+        )
     if tc.report_to:
         accelerator.init_trackers("slimtune", config=cfg.to_dict())
 
@@ -328,9 +391,13 @@ def train(
                 loss = float(raw_optimizer.step(losses))
         elif in_backward:  # already clipped and applied inside backward
             grad_norm = raw_optimizer.grad_norm()
-        elif tc.max_grad_norm > 0:
+        else:
             params = [p for p in model.parameters() if p.requires_grad]
-            grad_norm = float(accelerator.clip_grad_norm_(params, tc.max_grad_norm))
+            if tc.max_grad_norm > 0:
+                grad_norm = float(accelerator.clip_grad_norm_(params, tc.max_grad_norm))
+            else:  # no clipping, but a non-finite gradient must still never reach the weights
+                grads = [p.grad for p in params if p.grad is not None]
+                grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
         if not math.isfinite(loss) or (grad_norm is not None and not math.isfinite(grad_norm)):
             # Stop before the optimizer step: the weights and the last checkpoint stay good
             # (a layer-wise optimizer has applied the finite parts already: the checkpoint is).
@@ -338,10 +405,9 @@ def train(
             bar.close()
             if metrics_file:
                 metrics_file.close()
-            good = checkpoint.list_checkpoints(ckpt_root)
-            where = f"last good checkpoint: {good[-1]}" if good else "no checkpoint was written"
             raise TrainingDiverged(
-                f"training stopped at step {step + 1}: loss is {loss}, grad norm {grad_norm}; {where}"
+                f"training stopped at step {step + 1}: loss is {loss}, grad norm {grad_norm}; "
+                f"{_last_good(ckpt_root)}"
             )
         if not zeroth:
             optimizer.step()
@@ -377,6 +443,7 @@ def train(
         if tc.eval_every and step % tc.eval_every == 0 and step < steps:
             run_eval(f"step-{step}")
         if tc.save_every and step % tc.save_every == 0:
+            _check_finite(method.trainable_state(plain), step, ckpt_root, bar, metrics_file)
             if main:
                 checkpoint.save(
                     ckpt_root,
@@ -421,6 +488,7 @@ def train(
         "eval_after": eval_after,
         "wall_seconds": time.perf_counter() - t_start,
     }
+    _check_finite(method.trainable_state(plain), step, ckpt_root, None, metrics_file)
     if main and local is None:
         checkpoint.publish(run_dir, lambda out: method.save(plain, tok, out))
     if main:

@@ -118,11 +118,37 @@ def _unmark_quantized(model: PreTrainedModel) -> None:
         del model.config.quantization_config
 
 
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (libraries' messages run to many lines)."""
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:300]
+
+
+def check_gguf(gguf: Path) -> None:
+    """Read the GGUF header and tensor table (memory-mapped, no tensor data) so that a truncated
+    or foreign file is one clear error before anything is converted or cached."""
+    from gguf import GGUFReader
+
+    with gguf.open("rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise SlimtuneError(f"model: {str(gguf)!r}: not a GGUF file (magic {magic!r})")
+    try:
+        reader = GGUFReader(gguf)
+        size = gguf.stat().st_size
+        for t in reader.tensors:
+            if int(t.data_offset) + int(t.n_bytes) > size:
+                raise ValueError(f"tensor {t.name} runs past the end of the file")
+    except Exception as e:
+        raise SlimtuneError(f"model: {str(gguf)!r}: damaged GGUF file: {first_line(e)}") from None
+
+
 def convert_gguf(gguf: Path) -> Path:
     """Dequantise ``gguf`` into a cached Hugging Face directory (atomic); return that directory."""
     target = cache_dir() / "gguf" / f"{gguf.stem}-{_file_digest(gguf)}"
     if (target / "config.json").is_file():
         return target
+    check_gguf(gguf)
     log.warning("converting %s to safetensors once (cached in %s)", gguf.name, target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
@@ -135,13 +161,13 @@ def convert_gguf(gguf: Path) -> Path:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         os.replace(tmp, target)
-    except OSError:
+    except OSError as e:
         if not (target / "config.json").is_file():  # not just another process finishing first
             shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    except Exception:
+            raise SlimtuneError(f"model: cannot convert {str(gguf)!r}: {first_line(e)}") from None
+    except Exception as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        raise SlimtuneError(f"model: cannot convert {str(gguf)!r}: {first_line(e)}") from None
     shutil.rmtree(tmp, ignore_errors=True)
     return target
 
@@ -227,11 +253,10 @@ def load_model(
         try:
             tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
             model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-        except OSError as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise SlimtuneError(f"model: cannot load {name!r}: {first}") from None
-        except ValueError as e:
-            raise SlimtuneError(f"model: cannot load {name!r}: {str(e).splitlines()[0]}") from None
+        except Exception as e:
+            # A damaged file surfaces as whatever the reading library raises (safetensors,
+            # tokenizers, json, ...); every one of them means "these files do not load".
+            raise SlimtuneError(f"model: cannot load {name!r}: {first_line(e)}") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     if device is not None:

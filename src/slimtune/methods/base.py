@@ -120,6 +120,12 @@ def _untie(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def check_betas(betas: list[float]) -> None:
+    """Adam's moment decay rates: exactly two, each in [0, 1)."""
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        raise ValueError(f"betas must be two numbers in [0, 1), got {betas}")
+
+
 class OptimizerMethod(ABC):
     """Base class of the optimizer axis."""
 
@@ -132,6 +138,14 @@ class OptimizerMethod(ABC):
         """Peak learning rate."""
         weight_decay: float = 0.0
         """Decoupled weight decay."""
+
+        def __post_init__(self) -> None:
+            # A negative learning rate ascends the loss (0 is a dry run that only measures);
+            # non-finite numbers are refused while parsing.
+            if self.lr < 0:
+                raise ValueError(f"lr must be >= 0, got {self.lr}")
+            if self.weight_decay < 0:
+                raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
 
     def __init__(self, cfg: Any):
         self.cfg = cfg

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ...registry import register
-from ..base import OptimizerMethod
+from ..base import OptimizerMethod, check_betas
 
 
 @register("optimizer", "adamw")
@@ -22,6 +22,12 @@ class AdamW(OptimizerMethod):
         """Moment decay rates (beta1, beta2)."""
         eps: float = 1e-8
         """Denominator epsilon."""
+
+        def __post_init__(self) -> None:
+            super().__post_init__()
+            check_betas(self.betas)
+            if self.eps <= 0:
+                raise ValueError(f"eps must be > 0, got {self.eps}")
 
     def memory(self, plan: Any) -> None:
         """Two moments per trainable element, in the parameter's dtype (torch's AdamW). CPU runs
@@ -56,6 +62,11 @@ class SGD(OptimizerMethod):
     class Config(OptimizerMethod.Config):
         momentum: float = 0.0
         """Momentum factor (0: plain SGD, no optimizer state)."""
+
+        def __post_init__(self) -> None:
+            super().__post_init__()
+            if not 0 <= self.momentum < 1:
+                raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
 
     def memory(self, plan: Any) -> None:
         """No state without momentum, one buffer per trainable element with it."""

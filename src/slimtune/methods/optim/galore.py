@@ -50,7 +50,7 @@ from torch import nn
 
 from ...memory import optimizer_state_bytes
 from ...registry import register
-from ..base import OptimizerMethod
+from ..base import OptimizerMethod, check_betas
 
 BLOCK = 256  # 8-bit moments: elements per quantisation block
 MIN_8BIT = 4096  # smaller state tensors stay fp32 (as bitsandbytes does)
@@ -458,12 +458,16 @@ class GaLore(OptimizerMethod):
         """Linear modules projected (name substrings); empty: every linear but the output head. Other parameters use AdamW."""
 
         def __post_init__(self) -> None:
+            super().__post_init__()
             if self.rank < 1:
                 raise ValueError(f"rank must be >= 1, got {self.rank}")
             if self.update_gap < 1:
                 raise ValueError(f"update_gap must be >= 1, got {self.update_gap}")
-            if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-                raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
+            check_betas(self.betas)
+            if self.scale <= 0:
+                raise ValueError(f"scale must be > 0, got {self.scale}")
+            if self.eps <= 0:
+                raise ValueError(f"eps must be > 0, got {self.eps}")
 
     def memory(self, plan: Any) -> None:
         """Per projected matrix (m x n, every block linear unless ``target_modules``): an fp32

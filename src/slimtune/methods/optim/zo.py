@@ -44,7 +44,7 @@ from ...data import IGNORE
 from ...loss import Head, _innermost, find_head
 from ...memory import trim_heap
 from ...registry import register
-from ..base import OptimizerMethod
+from ..base import OptimizerMethod, check_betas
 
 CHUNK = 1 << 22  # elements of z generated at once by the update (16 MiB of fp32)
 POOL_BLOCK = 1 << 16  # elements of z taken as one contiguous slice of the noise pool
@@ -769,8 +769,11 @@ class ZerothOrder(OptimizerMethod):
         """z is cut from a pool of 2**pool_bits noise draws (16 MiB at 22) in blocks of 65,536 at random offsets (fast); 0: every entry from the counter-based generator (exact i.i.d., several times slower on CPU)."""
 
         def __post_init__(self) -> None:
+            super().__post_init__()
             if self.eps <= 0:
                 raise ValueError(f"eps must be > 0, got {self.eps}")
+            if self.seed < 0:
+                raise ValueError(f"seed must be >= 0, got {self.seed}")
             if self.samples < 1 or self.samples >= 4096:
                 raise ValueError(f"samples must be in 1..4095, got {self.samples}")
             if self.pool_bits and not 17 <= self.pool_bits <= 30:
@@ -831,6 +834,11 @@ class ZOMomentum(ZerothOrder):
         momentum: float = 0.9
         """Momentum factor."""
 
+        def __post_init__(self) -> None:
+            super().__post_init__()
+            if not 0 <= self.momentum < 1:
+                raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
+
 
 @register("optimizer", "zo-sign")
 class ZOSign(ZerothOrder):
@@ -868,6 +876,12 @@ class ZOAdam(ZerothOrder):
         """Moment decay rates."""
         adam_eps: float = 1e-8
         """Adam denominator epsilon."""
+
+        def __post_init__(self) -> None:
+            super().__post_init__()
+            check_betas(self.betas)
+            if self.adam_eps <= 0:
+                raise ValueError(f"adam_eps must be > 0, got {self.adam_eps}")
 
 
 @register("optimizer", "forward-grad")

@@ -66,6 +66,16 @@ class Lora(ParamsMethod):
         def __post_init__(self) -> None:
             if self.r < 1:
                 raise ValueError(f"r must be >= 1, got {self.r}")
+            if self.alpha <= 0:
+                raise ValueError(f"alpha must be > 0, got {self.alpha}")
+            if self.pissa_niter < 0:
+                raise ValueError(f"pissa_niter must be >= 0, got {self.pissa_niter}")
+            if self.loftq_bits not in (2, 4, 8):
+                raise ValueError(f"loftq_bits must be 2, 4 or 8, got {self.loftq_bits}")
+            if self.calibration_examples < 1:
+                raise ValueError(
+                    f"calibration_examples must be >= 1, got {self.calibration_examples}"
+                )
             if not 0 <= self.dropout < 1:
                 raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
