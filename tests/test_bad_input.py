@@ -254,6 +254,10 @@ def _recipe_cases(tmp_path: Path, data: Path) -> dict[str, tuple[list[str], list
         "missing eval_path": ([r, f"data.eval_path={tmp_path}/none.jsonl"], ["none.jsonl"]),
         "data path is a directory without data": ([r, f"data.path={no_config}"], ["data"]),
         "non-UTF-8 data": ([r, f"data.path={latin1_data}"], ["latin1.jsonl"]),
+        "prefix tuning with checkpointing": (
+            [r, "params=prefix-tuning", "train.gradient_checkpointing=true"],
+            ["prefix-tuning", "train.gradient_checkpointing"],
+        ),
         "resume without checkpoint": ([r, "resume=true"], ["resume", "checkpoint"]),
     }
 

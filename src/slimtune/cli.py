@@ -62,8 +62,20 @@ def print_report(summary: dict[str, Any]) -> None:
         f"train: {summary['train_seconds']:.0f} s, {summary['tokens_per_s']:.0f} tokens/s, "
         f"peak memory {summary['peak_memory_bytes'] / 2**30:.2f} GB ({summary['device']})"
     )
+
+    def short(text: str, n: int = 60) -> str:
+        return repr(text if len(text) <= n else text[:n] + "...")
+
+    # One line per sample: the prompt's end, what the model generated and the reference; for a
+    # sample with choices also the choice it scores highest (what accuracy counts) and a verdict.
     for s in after.get("samples", []):
-        print(f"sample: ...{s['prompt'][-60:]!r} -> {s['completion']!r}")
+        line = f"sample: ...{s['prompt'][-60:]!r} -> {short(s['completion'])}"
+        if "choice" in s:
+            verdict = "right" if s.get("correct") else "wrong"
+            line += f" (picks {s['choice'].strip()!r}, gold {s['gold'].strip()!r}: {verdict})"
+        elif "gold" in s:
+            line += f" (gold {short(s['gold'].strip())})"
+        print(line)
 
 
 def _split_recipe(items: list[str]) -> tuple[str | None, list[str]]:
@@ -107,7 +119,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def _load_run(run_dir: Path, overrides: list[str]):
     """(config, trained model, tokenizer, method) of a finished run directory."""
     from . import config, registry
-    from .models import load_model
+    from .models import first_line, load_model
 
     if not (run_dir / "config.yaml").is_file() or not (run_dir / "summary.json").is_file():
         raise SlimtuneError(
@@ -118,7 +130,14 @@ def _load_run(run_dir: Path, overrides: list[str]):
     )
     base, tok = load_model(cfg.model.name, cfg.model.dtype, device=cfg.model.device)
     method = registry.get("params", cfg.params.name)(cfg.params)
-    model = method.load(base, run_dir)
+    try:
+        model = method.load(base, run_dir)
+    except SlimtuneError:
+        raise
+    except Exception as e:  # a damaged artefact surfaces as whatever its reader raises
+        raise SlimtuneError(
+            f"run directory {str(run_dir)!r}: cannot load the trained weights: {first_line(e)}"
+        ) from None
     return cfg, model, tok, method
 
 
@@ -139,7 +158,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     splits = load_splits(cfg.data, tok)
     examples = splits.eval or splits.train
     metrics = evaluate(
-        model, tok, find_head(model), examples, cfg.eval, cfg.train.loss_chunk_tokens
+        model,
+        tok,
+        find_head(model),
+        examples,
+        cfg.eval,
+        cfg.train.loss_chunk_tokens,
+        progress=cfg.train.progress,
+        desc="eval",
     )
     print(json.dumps({"examples": len(examples), **metrics}, indent=1))
     return 0
@@ -163,22 +189,44 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def print_fed_report(summary: dict[str, Any]) -> None:
+    steps = summary.get("local_steps") or 0
+    local = (
+        f"{steps} local steps per round"
+        if steps
+        else f"{summary.get('local_epochs', 1.0):g} local epoch(s) per round"
+    )
     print(
         f"\n{summary['strategy']} ({summary['params']} + {summary['optimizer']}) on "
-        f"{summary['model']}: {summary['rounds']} rounds, {summary['clients']} clients, "
-        f"{summary['local_steps']} local steps per round"
+        f"{summary['model']}: {summary['rounds']} rounds, {summary['clients']} clients, {local}"
     )
     _print_held_out(summary)
     up, down = summary["bytes_up_per_client_round"], summary["bytes_down_per_client_round"]
-    line = (
+    print(
         f"bytes per client per round: up {up['mean'] / 1024:.1f} KB, "
         f"down {down['mean'] / 1024:.1f} KB (serialised Flower messages)"
     )
     if "uplink_compression" in summary:
-        line += f"; uplink {summary['uplink_compression']:.1f}x smaller than raw tensors"
-    print(line)
+        line = (
+            f"uplink compression {summary['uplink_compression']:.1f}x "
+            "(raw tensor bytes / tensor bytes sent"
+        )
+        basis = summary.get("uplink_compression_basis")
+        if basis:
+            line += (
+                f": {basis['raw_bytes'] / 1024:.1f} KB / {basis['sent_payload_bytes'] / 1024:.1f}"
+                f" KB over the same {basis['replies']} replies"
+            )
+        print(line + ")")
     if summary.get("dropped_or_failed"):
-        print(f"clients dropped or failed: {summary['dropped_or_failed']}")
+        line = f"clients dropped or failed: {summary['dropped_or_failed']}"
+        if "missing" in summary:
+            line += (
+                f" ({summary['missing']} sent no reply within the round, "
+                f"{summary.get('failed', 0)} failed)"
+            )
+        print(line)
+    if summary.get("rejected"):
+        print(f"updates rejected by the server's checks: {summary['rejected']}")
     print(f"wall time {summary['wall_seconds']:.0f} s")
 
 
@@ -462,6 +510,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     except TrainingDiverged as e:
         print(f"slimtune: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # the machine, not the input: a full disk, a vanished mount
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"slimtune: error: {where}{e.strerror or e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("slimtune: interrupted", file=sys.stderr)

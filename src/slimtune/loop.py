@@ -218,6 +218,12 @@ def _run(
     steps = total_steps(cfg, len(splits.train), world)
 
     method: ParamsMethod = registry.get("params", cfg.params.name)(cfg.params)
+    if tc.gradient_checkpointing and not method.supports_checkpointing:
+        raise SlimtuneError(
+            f"params: {cfg.params.name} cannot be combined with "
+            "train.gradient_checkpointing=true (its cached prefixes are applied again "
+            "when a block is recomputed); set it to false"
+        )
     optim_method = registry.get("optimizer", cfg.optimizer.name)(cfg.optimizer)
     work_dir = run_dir / rundir.WORK / f"rank{rank}"  # prepare() scratch, per process
 
@@ -339,7 +345,16 @@ def _run(
         if not splits.eval or not main:
             return {}
         t = time.perf_counter()
-        result = evaluate(plain, tok, head, splits.eval, cfg.eval, tc.loss_chunk_tokens)
+        result = evaluate(
+            plain,
+            tok,
+            head,
+            splits.eval,
+            cfg.eval,
+            tc.loss_chunk_tokens,
+            progress=tc.progress,
+            desc=f"eval {tag}",
+        )
         result["seconds"] = time.perf_counter() - t
         write({"step": step, "eval": tag, **{k: v for k, v in result.items() if k != "samples"}})
         return result

@@ -204,6 +204,8 @@ def compeft_unpack(
         mask, sign, scale = (arrays[f"compeft.{p}"] for p in ("mask", "sign", "scale"))
     except KeyError as e:
         raise ValueError(f"missing {e.args[0]}") from None
+    if any(a.dtype != np.uint8 or a.ndim != 1 for a in (mask, sign)):
+        raise ValueError("position bitmap and sign bits must be flat uint8 arrays")
     if scale.shape != (len(shapes),):
         raise ValueError(f"{scale.size} scales for {len(shapes)} tensors")
     out, m0, s0 = {}, 0, 0

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
-import shutil
 import time
 from typing import Any
 
@@ -23,10 +23,9 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from tqdm.auto import tqdm
 
-from .. import checkpoint, config
+from .. import checkpoint, config, rundir
 from ..config import RunConfig
 from ..errors import SlimtuneError
-from ..loop import _check_output_dir
 from . import core
 
 log = logging.getLogger(__name__)
@@ -150,6 +149,66 @@ def _stats(values: list[int]) -> dict[str, float]:
     return {"mean": float(np.mean(values)), "max": float(max(values)), "total": float(sum(values))}
 
 
+def _raw_bytes(metrics: dict[str, Any]) -> int | None:
+    """The dense size a client reports for its compressed update (``raw_bytes``), or None when
+    it reports none or something that is not a byte count."""
+    raw = metrics.get("raw_bytes")
+    if isinstance(raw, bool) or not isinstance(raw, (int, float)):
+        return None
+    return int(raw) if math.isfinite(raw) and raw >= 0 else None
+
+
+def traffic(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """The byte and participation fields of summary.json, from the rounds' metrics.jsonl rows
+    (so the summary and the rows cannot disagree).
+
+    Per chosen client and round: ``bytes_down``/``payload_bytes_down`` (what was sent to it).
+    Per client that replied without an error (``replied_clients``, in the same order):
+    ``bytes_up``/``payload_bytes_up`` and ``raw_bytes_up`` (the dense size of its update as an
+    uncompressed upload would carry it, None when the strategy does not compress).
+    ``bytes_*`` are serialised Flower messages, ``payload_*`` the tensor bytes inside them.
+
+    ``uplink_compression`` is raw tensor bytes / tensor bytes sent, both summed over the same
+    replies (those that reported a raw size), so clients that dropped, failed or never
+    compressed weigh on neither side; it is absent when no reply reported a raw size."""
+    ups, downs, pups, pdowns, per_client = [], [], [], [], []
+    raw_sum = sent_sum = compressed = 0
+    missing = failed = rejected = 0
+    for row in rounds:
+        up_of = dict(zip(row["replied_clients"], row["bytes_up"]))
+        ups += row["bytes_up"]
+        downs += row["bytes_down"]
+        pups += row["payload_bytes_up"]
+        pdowns += row["payload_bytes_down"]
+        per_client += [d + up_of.get(n, 0) for n, d in zip(row["clients"], row["bytes_down"])]
+        for raw, sent in zip(row["raw_bytes_up"], row["payload_bytes_up"]):
+            if raw is not None:
+                raw_sum, sent_sum, compressed = raw_sum + raw, sent_sum + sent, compressed + 1
+        missing += row["missing"]
+        failed += len(row["failed"])
+        rejected += len(row.get("rejected", []))
+    out: dict[str, Any] = {
+        "bytes_up_per_client_round": _stats(ups),
+        "bytes_down_per_client_round": _stats(downs),
+        # down + up per chosen client and round (up 0 when it did not reply)
+        "bytes_per_client_round": _stats(per_client),
+        "payload_bytes_up_per_client_round": _stats(pups),
+        "payload_bytes_down_per_client_round": _stats(pdowns),
+        "dropped_or_failed": missing + failed,
+        "missing": missing,  # no reply within round_timeout
+        "failed": failed,  # an error reply
+        "rejected": rejected,  # replied, but the update failed the server's checks
+    }
+    if compressed and sent_sum:
+        out["uplink_compression"] = raw_sum / sent_sum
+        out["uplink_compression_basis"] = {
+            "replies": compressed,
+            "raw_bytes": raw_sum,
+            "sent_payload_bytes": sent_sum,
+        }
+    return out
+
+
 def run_server(
     grid: Grid, cfg: RunConfig, server: core.Server | None = None, node_wait: float = 300.0
 ) -> dict[str, Any]:
@@ -158,11 +217,17 @@ def run_server(
     artefacts of the global model to output_dir."""
     f = cfg.federated
     t_start = time.perf_counter()
-    run_dir = _check_output_dir(cfg)
+    run_dir = rundir.check(cfg)
     server = server or core.Server(cfg)
-    if cfg.overwrite and run_dir.is_dir():
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    # The server owns output_dir for the run's life, as a training run does (rundir.RunDir):
+    # a second run on it is refused, and overwrite empties it only now that set-up succeeded.
+    try:
+        owner = rundir.RunDir.acquire(cfg)
+    except BaseException:
+        server.close()
+        raise
+    if cfg.overwrite:
+        owner.clear()
     (run_dir / "config.yaml").write_text(config.dump(cfg))
     metrics = (run_dir / "metrics.jsonl").open("w")
 
@@ -174,12 +239,7 @@ def run_server(
     write({"round": 0, "eval": before})
     rng = np.random.default_rng(f.seed)
     partitions: dict[int, int] = {}  # node id -> partition id
-    ups: list[int] = []
-    downs: list[int] = []
-    raw_ups: list[int] = []
-    pups: list[int] = []
-    pdowns: list[int] = []
-    dropped = 0
+    rows: list[dict[str, Any]] = []
     bar = tqdm(
         total=f.rounds, desc=f"fed {f.strategy}", unit="round", disable=not cfg.train.progress
     )
@@ -210,7 +270,11 @@ def run_server(
                 payload_down.append(sum(a.nbytes for a in arrays.values()))
             timeout = f.round_timeout or None
             replies = list(grid.send_and_receive(msgs, timeout=timeout))
-            ok, failed, up, payload_up = [], [], [], []
+            # Chosen order, not arrival order: the row's lists are reproducible.
+            position = {n: i for i, n in enumerate(chosen)}
+            replies.sort(key=lambda r: position.get(r.metadata.src_node_id, len(chosen)))
+            answered = {rep.metadata.src_node_id for rep in replies}
+            ok, failed, up, payload_up, raw_up = [], [], [], [], []
             for rep in replies:
                 node = rep.metadata.src_node_id
                 if rep.has_error():
@@ -220,43 +284,43 @@ def run_server(
                     server.delivered(node, rnd, False)
                     continue
                 server.delivered(node, rnd, True)
-                up.append(wire_bytes(rep))
                 m = dict(rep.content["metrics"])
                 got = _arrays(rep.content["arrays"])
+                up.append(wire_bytes(rep))
                 payload_up.append(sum(a.nbytes for a in got.values()))
+                raw_up.append(_raw_bytes(m))
                 ok.append((node, got, m))
-            for n in set(chosen) - {rep.metadata.src_node_id for rep in replies}:
+            missing = [n for n in chosen if n not in answered]
+            for n in missing:
+                log.warning("round %d: node %s sent no reply within the round", rnd, n)
                 server.delivered(n, rnd, False)
-                if "raw_bytes" in m:
-                    raw_ups.append(int(m["raw_bytes"]))
-            missing = len(chosen) - len(replies)
-            dropped += missing + len(failed)
             result = server.aggregate(rnd, ok)
             ev = server.evaluate() if result["applied"] else last_eval
             last_eval = ev
-            ups += up
-            downs += down
-            pups += payload_up
-            pdowns += payload_down
             row = {
                 "round": rnd + 1,
                 "clients": chosen,
                 "partitions": [partitions.get(n) for n in chosen],
                 "replied": len(ok),
+                "replied_clients": [n for n, _, _ in ok],
                 "failed": failed,
-                "missing": missing,
+                "missing": len(missing),
+                "missing_clients": missing,
                 **result,
                 "bytes_up": up,
                 "bytes_down": down,
                 "payload_bytes_up": payload_up,
                 "payload_bytes_down": payload_down,
-                "client_loss": [m["loss"] for _, _, m in ok],
-                "client_seconds": [m["seconds"] for _, _, m in ok],
+                "raw_bytes_up": raw_up,
+                "client_loss": [m.get("loss") for _, _, m in ok],
+                "client_steps": [m.get("steps") for _, _, m in ok],
+                "client_seconds": [m.get("seconds") for _, _, m in ok],
                 "client_ranks": [m.get("rank") for _, _, m in ok],
                 "eval": ev,
                 "seconds": time.perf_counter() - t0,
             }
             write(row)
+            rows.append(row)
             bar.set_postfix(
                 up=f"{np.mean(up) / 1024 if up else 0:.1f}KB",
                 down=f"{np.mean(down) / 1024:.1f}KB",
@@ -272,25 +336,20 @@ def run_server(
             "model": cfg.model.name,
             "rounds": f.rounds,
             "clients": f.clients,
-            "local_steps": cfg.train.steps,
-            "bytes_up_per_client_round": _stats(ups),
-            "bytes_down_per_client_round": _stats(downs),
-            "bytes_per_client_round": _stats([u + d for u, d in zip(ups, downs)]),
-            "payload_bytes_up_per_client_round": _stats(pups),
-            "payload_bytes_down_per_client_round": _stats(pdowns),
-            "dropped_or_failed": dropped,
+            "local_steps": cfg.train.steps,  # 0: local_epochs passes over each shard
+            **({} if cfg.train.steps else {"local_epochs": cfg.train.epochs}),
+            **traffic(rows),
             "eval_before": before,
             "eval_after": last_eval,
             "wall_seconds": time.perf_counter() - t_start,
         }
-        if raw_ups and ups:
-            summary["uplink_compression"] = float(np.mean(raw_ups) / np.mean(ups))
         checkpoint.publish(run_dir, server.save)
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         return summary
     finally:
         metrics.close()
         server.close()
+        owner.release()
 
 
 def make_server_app(
@@ -321,7 +380,7 @@ def simulate(cfg: RunConfig) -> dict[str, Any]:
     from flwr.simulation import run_simulation
 
     core.validate(cfg)
-    _check_output_dir(cfg)
+    rundir.check(cfg)
     server = core.Server(cfg)  # bad model or data fail here, before Flower starts
     recipe = cfg.to_dict()
     out: dict[str, Any] = {}

@@ -271,6 +271,11 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return t.contiguous().numpy()
 
 
+def _np_nbytes(t: torch.Tensor) -> int:
+    """``_np(t).nbytes`` without the copy."""
+    return t.numel() * (4 if t.dtype == torch.bfloat16 else t.element_size())
+
+
 def _torch(a: np.ndarray, like: torch.Tensor | None = None) -> torch.Tensor:
     t = torch.from_numpy(np.array(a, copy=True))
     return t.to(like.dtype) if like is not None else t
@@ -411,7 +416,8 @@ def client_round(
     if f.strategy == "fedavg":
         if f.compress == "compeft":
             deltas = {n: t.float() - start[n].float() for n, t in end.items()}
-            metrics["raw_bytes"] = sum(t.numel() * t.element_size() for t in end.values())
+            # What the dense update would weigh as compress=none sends it (_np: bf16 as fp32).
+            metrics["raw_bytes"] = sum(_np_nbytes(t) for t in end.values())
             return agg.compeft_pack(deltas, f.compeft_density), metrics
         return {n: _np(t) for n, t in end.items()}, metrics
     if f.strategy == "fedkseed":

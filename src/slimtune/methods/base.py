@@ -40,6 +40,9 @@ class ParamsMethod:
 
     name: ClassVar[str]
     mergeable: ClassVar[bool] = True  # False: merge() raises SlimtuneError (e.g. prompt tuning)
+    # False: the loop refuses train.gradient_checkpointing with one line (e.g. prefix tuning,
+    # whose key/value prefixes peft applies again when a block is recomputed)
+    supports_checkpointing: ClassVar[bool] = True
 
     @dataclass
     class Config:

@@ -117,6 +117,8 @@ class PromptTuning(_VirtualTokens):
 class PrefixTuning(_VirtualTokens):
     """Prefix tuning (Li & Liang, https://arxiv.org/abs/2101.00190): trainable key/value prefixes in every attention layer."""
 
+    supports_checkpointing = False  # peft re-applies the prefix cache in a recomputed block
+
     @dataclass
     class Config(_VirtualTokens.Config):
         projection: bool = False
