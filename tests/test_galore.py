@@ -38,13 +38,40 @@ def test_projection_side_follows_the_shape():
     p = make_basis(wide, 3)  # m < n: left, m x r
     assert q.shape == (3, 5) and p.shape == (5, 3)
     assert project(tall, q).shape == (12, 3) and project(wide, p).shape == (3, 12)
+    # LAPACK's singular vectors are orthonormal to a small multiple of n u (n = 5, u = 6e-8:
+    # fp32's unit roundoff), ~3e-7 (seen: <= 4.2e-7 on every MKL/ATen path); 1e-5 is far from
+    # a wrong side or an unnormalised basis (errors of order 1).
     torch.testing.assert_close(q @ q.t(), torch.eye(3), atol=1e-5, rtol=0)
 
 
 def test_parity_with_galore_torch_after_20_steps():
     """Same tiny model, seed and batches; galore-torch's GaLoreAdamW is the reference.
-    Tolerance: max |difference| of any parameter <= 1e-5 (float rounding of the two code paths
-    differs in the order of a few operations)."""
+
+    Each step the gradients are computed once, on our model, and both optimizers are given the
+    same values, so what is compared is the optimizers alone: the same SVD basis (the same fp32
+    LAPACK call on the same values, refreshed at steps 1, 6, 11, 16), the same Adam moments in
+    the projected space, the same projected-back, scaled update and decoupled weight decay.
+    Letting each model compute its own gradients would compare a chaotic system instead: a
+    one-ulp difference in a weight changes the next gradient, and the SVD refresh turns that
+    into a rotation of the basis of order eps/(singular-value gap); with MKL's AVX2 path (AMD
+    CPUs, or MKL_CBWR=AVX2 here) that grew to 6.5e-4 in 20 steps.
+
+    Tolerance 2e-6 absolute, from the operations. Tensors without a projection (embedding,
+    norms) take the same elementwise ops in the same order on both sides and end bitwise equal.
+    The projected matrices differ only in the summation order of two products: the reference
+    keeps LAPACK's column-major V^T/U slice, we a contiguous copy, so BLAS runs other kernels
+    for R = G Q^T (n <= 64 terms) and N Q (r = 4 terms). Each side's R is within
+    n u sum|G||Q| of the exact one (u = 6e-8, fp32's unit roundoff); Adam's direction
+    m / (sqrt(v) + eps) passes that on with a factor up to (1 - b1) / (sqrt(v) + eps), large
+    (to 1e5) for components near zero (seen: |R| down to 1e-8), and the update multiplies it by
+    step_size * scale * |Q|. Carried through the moments and summed over the 20 steps with
+    this run's own gradients, that first-order worst case is 8.4e-7 on the worst element;
+    adding the update and the weight decay to |w| < 0.125 may round 1 ulp (7.5e-9) apart twice
+    a step, 3e-7 more. Nothing else feeds back (the gradients are shared), so the difference
+    stays under 1.2e-6. Measured: 0 with MKL's AVX-512 and SSE4.2 paths, <= 7.5e-9
+    (1 ulp) with its AVX2 and COMPATIBLE paths (MKL_CBWR), one thread or two,
+    ATEN_CPU_CAPABILITY default or avx2. A real deviation is larger: weight decay scaled by
+    alpha moves the result by 1.3e-5, moments reset at a basis refresh by 1.1e-3."""
     from galore_torch import GaLoreAdamW as Reference
 
     rank, gap, scale, lr, wd = 4, 5, 0.25, 1e-3, 0.01
@@ -59,14 +86,15 @@ def test_parity_with_galore_torch_after_20_steps():
     ref = Reference(ref_groups, lr=lr, weight_decay=wd, no_deprecation_warning=True)
     assert any("rank" in g for g in ref.param_groups)
     for ids in batches(20):
-        for model, opt in ((ours_model, ours), (ref_model, ref)):
-            opt.zero_grad()
-            lm_loss(model, ids).backward()
-            opt.step()
-    worst = max(
-        (a - b).abs().max().item() for a, b in zip(ours_model.parameters(), ref_model.parameters())
-    )
-    assert worst <= 1e-5, worst
+        ours.zero_grad()
+        ref.zero_grad()
+        lm_loss(ours_model, ids).backward()
+        for a, b in zip(ours_model.parameters(), ref_model.parameters()):
+            b.grad = a.grad.clone()
+        ours.step()
+        ref.step()
+    for (name, a), b in zip(ours_model.named_parameters(), ref_model.parameters()):
+        torch.testing.assert_close(a, b, atol=2e-6, rtol=0, msg=name)
     # and it trained: the weights moved far more than the tolerance
     start = tiny_model()
     moved = max(
@@ -110,9 +138,14 @@ def _run(tmp_path, data, name, accum=1, **optim):
 
 @pytest.mark.parametrize("accum", [1, 4])
 def test_layerwise_equals_whole_step(tmp_path, cls_data, accum):
-    """Tolerance: 1e-6 absolute (the same arithmetic in another order of parameters). With
-    accumulation 4 this also shows the hooks wait for the last micro-batch: stepping on every
-    micro-batch (the reference's behaviour) would give other weights."""
+    """Layer-wise runs each parameter's update inside backward, whole-step after it: the same
+    floating-point operations on the same values, as each update reads only its own gradient
+    and state, so the two agree bitwise on any CPU (seen: 0 under MKL's AVX-512, AVX2 and
+    COMPATIBLE paths, ATen default/AVX2, one or two threads). The 1e-6 absolute tolerance is
+    no rounding budget (4 Adam steps with SVD refreshes would magnify a one-ulp difference far
+    beyond it); a different operation order would have to be argued anew. With accumulation 4
+    this also shows the hooks wait for the last micro-batch: stepping on every micro-batch (the
+    reference's behaviour) would give other weights."""
     whole = _run(tmp_path, cls_data, f"whole{accum}", accum)
     layer = _run(tmp_path, cls_data, f"layer{accum}", accum, layerwise=True)
     assert whole.summary["train_loss"] == pytest.approx(layer.summary["train_loss"], abs=1e-6)
@@ -143,7 +176,11 @@ def test_layerwise_clipping_is_real():
         applied = math.sqrt(sum(seen))
         opt.step()
         assert all(p.grad is None for p in model.parameters())  # freed inside backward
-        assert norms[-1] > 1e-2  # raw gradients are far above the budget...
+        assert norms[-1] > 1e-2  # raw gradients (norm ~3.3) are far above the budget...
+        # Norms are fp32 sums of squares (torch's cascade summation, ~log2(16576) u ~ 1e-6
+        # relative) of the gradient scaled by a coefficient (one more rounding per element):
+        # applied and expected agree to ~1e-6 (seen: 6.5e-8); rel 1e-4 leaves 100x, and a wrong
+        # coefficient (no clipping, last step's share) is off by a factor, not 1e-4.
         if len(norms) == 1:
             assert applied <= 1e-3 * (1 + 1e-4)  # ...and what was applied is within it
         else:
@@ -155,6 +192,9 @@ def test_8bit_state_is_uint8_and_tracks_fp32(tmp_path, cls_data):
     fp32 = _run(tmp_path, cls_data, "fp32", layerwise=True)
     q8 = _run(tmp_path, cls_data, "q8", layerwise=True, state_bits=8)
     assert q8.summary["optimizer_state_bytes"] < 0.5 * fp32.summary["optimizer_state_bytes"]
+    # A modelling bound, not a rounding one: quantised moments change the steps a little, and
+    # the mean loss of the 4 steps (~3.6) moved by 2.2e-4 (the same with MKL's AVX2 path, ATen
+    # default kernels, one thread); 0.05 leaves 200x. Rounding differences are ~1e-7 of that.
     assert abs(q8.summary["train_loss"] - fp32.summary["train_loss"]) < 0.05
 
 
@@ -195,6 +235,9 @@ def test_woodbury_solve_equals_explicit_inverse(s, k):
     damping = 1e-1
     fisher = damping * torch.eye(k, dtype=torch.float64) + history.t() @ history
     explicit = torch.linalg.inv(fisher) @ grad
+    # float64: both solves are backward stable, so they differ by ~cond(F) eps64 |x|, with
+    # cond(F) <= (0.1 + (sqrt(20) + 8)^2) / 0.1 ~ 1.6e3 and |x| <= |g| / 0.1 ~ 80: <= ~1e-11
+    # (seen: <= 1.2e-12 on every MKL path). A float32 solve would be off by ~1e-2.
     torch.testing.assert_close(
         woodbury_natural_gradient(history, grad, damping), explicit, atol=1e-9, rtol=1e-9
     )
@@ -242,6 +285,8 @@ def test_gradnorm_lorp_gradients_equal_autograd():
     vnorm = v.detach().norm(dim=1)
     unit = v.detach() / vnorm[:, None]
     grad_g, grad_v = weight_norm_grads(w.grad, unit, mag.detach(), vnorm)
+    # float64, 7 x 5: the formula and autograd sum at most 7 products of O(10) terms in another
+    # order, a few eps64 * 10 ~ 1e-14 (seen: 7e-15); float32 rounding would be ~1e-6.
     torch.testing.assert_close(grad_g, mag.grad, atol=1e-10, rtol=1e-10)
     torch.testing.assert_close(grad_v, v.grad, atol=1e-10, rtol=1e-10)
 
@@ -258,6 +303,9 @@ def test_gradnorm_lorp_keeps_the_learned_magnitude():
         opt.step()
     p = opt.param_groups[0]["params"][0]
     state = opt.state[p]
+    # One run, not two: W = g V / ||V|| row by row, so ||W_i|| = |g_i| up to the rounding of a
+    # 64-term fp32 norm and one division, ~1e-7 relative (seen: 3e-8 absolute); 1e-5 absolute
+    # and relative.
     torch.testing.assert_close(
         p.detach().norm(dim=1), state["magnitude"].abs(), atol=1e-5, rtol=1e-5
     )
@@ -289,7 +337,9 @@ def test_galore_layerwise_8bit_on_a_bf16_base(tmp_path, cls_data):
 @pytest.mark.parametrize("bits", [32, 8])
 def test_large_tensors_updated_in_slices_match_whole(monkeypatch, bits):
     """Tensors without a projection above SLICE elements (embeddings) are updated a slice at a
-    time to bound temporaries; the result is bitwise the same (8-bit blocks align to slices)."""
+    time to bound temporaries; the result is bitwise the same (8-bit blocks align to slices).
+    Bitwise on any CPU: the update is elementwise, so every element sees the same operations
+    whichever slice holds it, in one process."""
     from slimtune.methods.optim import galore
 
     def run(slice_elems):

@@ -48,12 +48,13 @@ def test_lora_smoke_on_smollm2(tmp_path):
     result = train(config.from_dict(recipe))
     s = result.summary
     assert s["steps"] == 3 and s["tokens_per_s"] > 0
-    assert s["eval_after"]["loss"] < s["eval_before"]["loss"]
+    assert s["eval_after"]["loss"] < s["eval_before"]["loss"]  # seen: 5.5 -> 1.6, no close call
     ids = torch.tensor([[1, 504, 3170, 28, 260, 1343]])
     result.model.eval()
     base, _ = load_model("smollm2-135m")
     with torch.no_grad():
         ours = result.model(input_ids=ids).logits
         theirs = PeftModel.from_pretrained(base, result.run_dir).eval()(input_ids=ids).logits
-    # logits of a real model are O(10): 1e-4 absolute is fp32 summation-order noise
+    # Logits of a real model are O(10), ulp ~1e-6: 1e-4 absolute, ~100 ulps, covers peft
+    # summing the adapter's terms in another order (seen: 0, the same products).
     torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=0)
