@@ -249,6 +249,10 @@ def _recipe_cases(tmp_path: Path, data: Path) -> dict[str, tuple[list[str], list
         ),
         "empty override key": ([r, "train..steps=3"], ["train..steps=3"]),
         "output_dir under a file": ([r, f"output_dir={a_file}/run"], ["output_dir", "a-file"]),
+        "output_dir on a read-only filesystem": (
+            [r, "output_dir=/proc/slimtune-test/run"],
+            ["output_dir", "/proc/slimtune-test/run"],
+        ),
         "output_dir is a file": ([r, f"output_dir={a_file}"], ["output_dir", "a-file"]),
         "model dir without config.json": ([r, f"model.name={no_config}"], ["model", "config.json"]),
         "missing eval_path": ([r, f"data.eval_path={tmp_path}/none.jsonl"], ["none.jsonl"]),
@@ -463,3 +467,46 @@ def test_subprocess_one_line(tmp_path, data, overrides, name):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and name in lines[0], proc.stderr
     assert snapshot(tmp_path) == before
+
+
+@pytest.fixture(scope="module")
+def data_files(tmp_path_factory) -> Path:
+    """The same 16 reviews as JSONL, JSON, CSV, Parquet and a datasets.save_to_disk directory."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root = tmp_path_factory.mktemp("data")
+    rows = [{"text": t, "label": y} for t, y in REVIEWS]
+    write_jsonl(root / "d.jsonl", rows)
+    (root / "d.json").write_text(json.dumps(rows))
+    (root / "d.csv").write_text("text,label\n" + "".join(f'"{t}",{y}\n' for t, y in REVIEWS))
+    pq.write_table(pa.Table.from_pylist(rows), root / "d.parquet")
+    datasets.Dataset.from_list(rows).save_to_disk(str(root / "saved"))
+    return root
+
+
+DATA_DAMAGE = {
+    "jsonl cut inside a record": ("d.jsonl", 0.5, "line"),
+    "json cut": ("d.json", 0.5, "line 1"),
+    "json empty": ("d.json", 0, "line 1"),
+    "parquet empty": ("d.parquet", 0, "Parquet"),
+    "parquet header only": ("d.parquet", 7, "Parquet"),
+    "parquet cut": ("d.parquet", 0.5, "Parquet"),
+    "saved dataset arrow cut": ("saved", 0.5, "saved dataset"),
+    "saved dataset info corrupt": ("saved/dataset_info.json", 3, "saved dataset"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DATA_DAMAGE))
+def test_damaged_data_file(tmp_path, capsys, data_files, case):
+    name, offset, words = DATA_DAMAGE[case]
+    shutil.copytree(data_files, tmp_path / "data")
+    target = tmp_path / "data" / name
+    if target.is_dir():  # the Arrow file of a saved dataset
+        target = next(target.glob("*.arrow"))
+    _truncate(target, offset)
+    data_path = tmp_path / "data" / name.split("/")[0]
+    recipe = recipe_file(tmp_path, data_path, data={"eval_size": 0})
+    err = assert_one_line_exit_2(capsys, ["train", str(recipe)], [words], [tmp_path])
+    assert name.split("/")[0] in err

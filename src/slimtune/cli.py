@@ -7,6 +7,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import sys
 from importlib.resources import files
 from pathlib import Path
@@ -181,9 +182,13 @@ def cmd_merge(args: argparse.Namespace) -> int:
     _, model, tok, method = _load_run(Path(args.run_dir), [])
     merged = method.merge(model)
     tmp = atomic_dir(out)
-    merged.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    commit_dir(tmp, out)
+    try:
+        merged.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        commit_dir(tmp, out)
+    except BaseException:  # a full disk or an interrupt: no half-written output beside it
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     print(f"merged weights written to {out}")
     return 0
 

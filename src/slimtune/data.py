@@ -137,10 +137,17 @@ def _read_parquet(path: Path) -> list[Record]:
 def _read_saved(path: Path, split: str | None) -> list[Record]:
     import datasets
 
+    def damaged(e: Exception) -> SlimtuneError:
+        text = str(e).strip()
+        first = (text.splitlines()[0] if text else type(e).__name__)[:300]
+        return SlimtuneError(f"data: {str(path)!r}: not a readable saved dataset ({first})")
+
     try:
         ds = datasets.load_from_disk(str(path))
     except (FileNotFoundError, ValueError) as e:
         raise SlimtuneError(f"data: {str(path)!r}: not a saved dataset ({e})") from None
+    except Exception as e:  # a truncated or corrupted Arrow file, whatever pyarrow raises
+        raise damaged(e) from None
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
             raise SlimtuneError(
@@ -148,7 +155,10 @@ def _read_saved(path: Path, split: str | None) -> list[Record]:
                 f"choose one of: {', '.join(ds)}"
             )
         ds = ds[split]
-    return [Record(r, f"dataset {str(path)!r} row {i}") for i, r in enumerate(ds)]
+    try:
+        return [Record(r, f"dataset {str(path)!r} row {i}") for i, r in enumerate(ds)]
+    except Exception as e:  # Arrow data is read lazily: damage may show only here
+        raise damaged(e) from None
 
 
 READERS: dict[str, Callable[[Path], list[Record]]] = {
