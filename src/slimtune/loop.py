@@ -171,9 +171,10 @@ def train(
     try:
         return _run(cfg, accelerator, owner, phase, t_start, on_step, splits, local)
     except BaseException:
-        # Until the run has started (set-up done, checkpoint loaded), a failure leaves the
-        # directory as it was: what this run created is removed, an overwritten run is still
-        # there. After it, checkpoints and metrics stay for the diagnosis and the resume.
+        # Until the run has started (set-up done, checkpoint loaded, first evaluation done), a
+        # failure takes back what this run wrote: a directory it created goes, an overwritten
+        # run is still there if set-up failed (it is emptied only once set-up succeeded). After
+        # it, checkpoints and metrics stay for the diagnosis and the resume.
         work = Path(cfg.output_dir) / rundir.WORK
         shutil.rmtree(
             work if owner is not None else work / f"rank{accelerator.process_index}",
@@ -322,7 +323,6 @@ def _run(
         if cfg.resume:
             rundir.truncate_metrics(run_dir, step)
         (run_dir / "config.yaml").write_text(config.dump(cfg))
-    phase["started"] = True
     metrics_file = (run_dir / "metrics.jsonl").open("a") if main else None
     if main and changes:
         metrics_file.write(
@@ -360,6 +360,9 @@ def _run(
         return result
 
     eval_before = run_eval("before") if tc.eval_before and not cfg.resume else {}
+    # From here on the directory holds a run worth keeping (metrics, soon checkpoints): a
+    # failure leaves it for the diagnosis and the resume; before, it is taken back.
+    phase["started"] = True
     accelerator.wait_for_everyone()
 
     # --- the loop ----------------------------------------------------------------------------

@@ -72,6 +72,7 @@ class RunDir:
 
     def __init__(self, path: Path, created: list[Path], fd: int):
         self.path, self._created, self._fd = path, created, fd
+        self._cleared = False
 
     @classmethod
     def acquire(cls, cfg: RunConfig) -> RunDir:
@@ -121,6 +122,7 @@ class RunDir:
 
     def clear(self) -> None:
         """overwrite=true: empty the directory in place (keeping the lock and ``.work``)."""
+        self._cleared = True
         for p in self.path.iterdir():
             if p.name == WORK:
                 continue
@@ -130,11 +132,14 @@ class RunDir:
                 p.unlink()
 
     def abandon(self) -> None:
-        """A failed set-up: remove what this run created, release the lock."""
+        """A failed set-up: remove what this run created (the directory itself if it made it;
+        what it wrote into a directory it had emptied for overwrite), release the lock."""
         shutil.rmtree(self.path / WORK, ignore_errors=True)
         if self._created:
             shutil.rmtree(self.path, ignore_errors=True)
             _remove_empty(self._created)
+        elif self._cleared:
+            self.clear()
         self.release()
 
     def release(self) -> None:
