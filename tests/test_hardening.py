@@ -113,44 +113,71 @@ def test_locked_directory_is_refused_in_process(tmp_path, cls_data, capsys):
         holder.release()
 
 
+# The first run, in its own process, holds the directory from step 1 until the test says so.
+FIRST_RUN = """
+import sys, time
+from pathlib import Path
+from slimtune import config
+from slimtune.loop import train
+
+started, release = Path(sys.argv[2]), Path(sys.argv[3])
+
+def hold(step, model, row):
+    if step == 1:
+        started.touch()
+        deadline = time.time() + 240
+        while not release.exists():  # bounded: a broken test fails instead of hanging
+            assert time.time() < deadline, "never released"
+            time.sleep(0.05)
+
+train(config.load(sys.argv[1]), on_step=hold)
+"""
+
+
 @pytest.mark.slow
 def test_second_run_on_a_live_directory_exits_2_and_the_first_finishes(tmp_path, cls_data):
     out = tmp_path / "run"
-    recipe = tiny_recipe(
-        cls_data, out, train={"steps": 300, "progress": False, "eval_before": False}
-    )
+    recipe = tiny_recipe(cls_data, out, train={"steps": 6, "save_every": 1, "progress": False})
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(recipe))
+    started, release = tmp_path / "started", tmp_path / "release"
+    (tmp_path / "first.py").write_text(FIRST_RUN)
     first = subprocess.Popen(
-        [sys.executable, "-m", "slimtune", "train", str(path)],
+        [sys.executable, str(tmp_path / "first.py"), str(path), str(started), str(release)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
     try:
         deadline = time.time() + 240
-        while not (out / "metrics.jsonl").is_file() and first.poll() is None:
+        while not started.exists():
+            assert first.poll() is None, first.communicate()
             assert time.time() < deadline, "the first run did not start"
-            time.sleep(0.2)
-        assert first.poll() is None, first.communicate()
-        second = subprocess.run(
-            [sys.executable, "-m", "slimtune", "train", str(path), "overwrite=true"],
-            capture_output=True,
-            text=True,
-            timeout=240,
-        )
-        assert second.returncode == 2, second.stderr
-        assert "in use by another running slimtune" in second.stderr.strip().splitlines()[-1]
-        assert len(second.stderr.strip().splitlines()) == 1, second.stderr
-        _, err = first.communicate(timeout=600)
+            time.sleep(0.1)
+        for extra in (["overwrite=true"], ["resume=true"], []):
+            second = subprocess.run(
+                [sys.executable, "-m", "slimtune", "train", str(path), *extra],
+                capture_output=True,
+                text=True,
+                timeout=240,
+            )
+            assert second.returncode == 2, (extra, second.stderr)
+            lines = second.stderr.strip().splitlines()
+            assert len(lines) == 1, second.stderr
+            # overwrite and resume (step 1 is checkpointed): the lock; neither: not empty
+            want = "is not empty" if not extra else "in use by another running slimtune"
+            assert want in lines[0], lines
+        release.touch()
+        _, err = first.communicate(timeout=240)
         assert first.returncode == 0, err
     finally:
         if first.poll() is None:
             first.kill()
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["steps"] == 300
+    assert summary["steps"] == 6
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows if "lr" in r] == list(range(1, 301))
+    assert [r["step"] for r in rows if "lr" in r] == list(range(1, 7))
+    assert (out / "model.safetensors").is_file()
 
 
 def test_failed_setup_leaves_no_directory_and_overwrite_keeps_the_old_run(tmp_path, cls_data):
