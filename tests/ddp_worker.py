@@ -16,24 +16,25 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from slimtune import config, loop
+from slimtune import config, data, loop
 
 
 @contextmanager
 def recording_batches():
-    """Record the examples of every micro-batch the loop collates on this process, in order."""
+    """Record the examples of every micro-batch the loop collates on this process, in order
+    (its data order, `data.Batches`, collates through `data.collate`)."""
     seen: list[list[tuple[int, ...]]] = []
-    original = loop.collate
+    original = data.collate
 
     def collate(examples, pad_id):
         seen.append([tuple(ex.input_ids) for ex in examples])
         return original(examples, pad_id)
 
-    loop.collate = collate
+    data.collate = collate
     try:
         yield seen
     finally:
-        loop.collate = original
+        data.collate = original
 
 
 def trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -10,6 +10,7 @@ older checkpoints are pruned only after the new one exists.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
 import random
@@ -21,9 +22,11 @@ from typing import Any
 
 import torch
 
-from .errors import SlimtuneError
+from .errors import SlimtuneError, TrainingDiverged
 
 PREFIX = "step-"
+
+log = logging.getLogger(__name__)
 
 
 def rng_state() -> dict[str, Any]:
@@ -167,3 +170,60 @@ def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     first = text.splitlines()[0] if text else type(e).__name__
     return first[:200]
+
+
+def last_good(ckpt_root: Path) -> str:
+    good = list_checkpoints(ckpt_root)
+    return f"last good checkpoint: {good[-1]}" if good else "no checkpoint was written"
+
+
+def check_finite(state: dict[str, torch.Tensor], step: int, ckpt_root: Path) -> None:
+    """No checkpoint and no final artefact may hold a non-finite weight. A finite loss and
+    gradient can still give one (an update that overflows, e.g. a huge learning rate); the run
+    then stops here, before writing, and the last checkpoint stays the last good one."""
+    bad = next((n for n, t in state.items() if not bool(torch.isfinite(t).all())), None)
+    if bad is None:
+        return
+    raise TrainingDiverged(
+        f"training stopped after step {step}: weight {bad!r} is no longer finite (the update "
+        f"overflowed; lower optimizer.lr or set train.max_grad_norm); {last_good(ckpt_root)}"
+    )
+
+
+def apply_hyperparameters(
+    optimizer: torch.optim.Optimizer, scheduler: Any, fresh: list[dict[str, Any]]
+) -> None:
+    """A resume allowed to change optimizer fields (``resume_changes``): the checkpoint's state
+    dict brought back the old hyperparameters; put the recipe's back, and its learning rate
+    where the schedule now stands."""
+    for group, new in zip(optimizer.param_groups, fresh):
+        group.update(new)
+    scheduler.base_lrs = [g["initial_lr"] for g in optimizer.param_groups]
+    for group, base, fn in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * fn(scheduler.last_epoch)
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+
+
+def resume(parts: Any, cfg: Any) -> tuple[dict[str, Any], dict[str, list[Any]]]:
+    """Load the newest checkpoint of ``cfg.output_dir`` into a run's assembled parts
+    (``assemble.Parts``): trainable tensors, optimizer, schedule, RNG, data position. Returns its
+    ``state.json`` and the recipe changes ``resume_changes`` allowed (applied here)."""
+    from . import rundir
+
+    run_dir = Path(cfg.output_dir)
+    last = list_checkpoints(run_dir / "checkpoints")[-1]
+    changes = rundir.resume_changes(cfg, run_dir)
+    # The freshly built hyperparameters, before the checkpoint's replace them.
+    opt = parts.optimizer
+    fresh = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+    state = restore(
+        last,
+        load_trainable=lambda p: parts.method.load_trainable(parts.plain, p),
+        optimizer=opt,
+        scheduler=parts.scheduler,
+    )
+    if any(k.startswith("optimizer.") for k in changes):
+        apply_hyperparameters(opt, parts.scheduler, fresh)
+    parts.batches.seek(state["position"])
+    log.warning("resumed from %s (step %d)", last, state["step"])
+    return state, changes

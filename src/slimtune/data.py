@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import math
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -467,3 +468,34 @@ def index_stream(n: int, seed: int, start: int = 0) -> Iterator[int]:
         order = torch.randperm(n, generator=g).tolist()
         yield from order[offset:]
         epoch, offset = epoch + 1, 0
+
+
+def total_steps(cfg: Any, n_train: int, world: int) -> int:
+    """Optimizer steps of a run: ``train.steps``, or ``train.epochs`` passes over the data."""
+    if cfg.train.steps:
+        return cfg.train.steps
+    per_step = cfg.train.batch_size * cfg.train.grad_accum * world
+    return max(1, math.ceil(cfg.train.epochs * n_train / per_step))
+
+
+class Batches:
+    """Deterministic global micro-batches; each process takes its own slice of each one.
+
+    ``position`` counts examples consumed by all processes together, so it alone (with the data
+    seed) determines what comes next: that is what a checkpoint stores for an exact resume.
+    """
+
+    def __init__(self, examples: list[Example], batch: int, seed: int, rank: int, world: int):
+        self.examples, self.batch, self.rank, self.world = examples, batch, rank, world
+        self.seed, self.position = seed, 0
+        self._stream = index_stream(len(examples), seed)
+
+    def seek(self, position: int) -> None:
+        self.position = position
+        self._stream = index_stream(len(self.examples), self.seed, position)
+
+    def next(self, pad_id: int) -> dict[str, torch.Tensor]:
+        idx = [next(self._stream) for _ in range(self.batch * self.world)]
+        self.position += len(idx)
+        mine = idx[self.rank * self.batch : (self.rank + 1) * self.batch]
+        return collate([self.examples[i] for i in mine], pad_id)

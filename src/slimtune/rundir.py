@@ -120,6 +120,22 @@ class RunDir:
                     else:
                         p.unlink(missing_ok=True)
 
+    def open(self, cfg: RunConfig, step: int, changes: dict[str, list[Any]]) -> Any:
+        """Make the directory the run's: empty it (overwrite), remove a killed run's
+        temporaries, cut the metrics back to the resumed step, write the resolved recipe.
+        Returns ``metrics.jsonl`` open for appending (with the resume's changes recorded)."""
+        if cfg.overwrite and not cfg.resume:
+            self.clear()
+        self.tidy()
+        if cfg.resume:
+            truncate_metrics(self.path, step)
+        (self.path / "config.yaml").write_text(config.dump(cfg))
+        metrics = (self.path / "metrics.jsonl").open("a")
+        if changes:
+            event = {"event": "resume", "from_step": step, "changes": changes}
+            metrics.write(json.dumps(event) + "\n")
+        return metrics
+
     def clear(self) -> None:
         """overwrite=true: empty the directory in place (keeping the lock and ``.work``)."""
         self._cleared = True

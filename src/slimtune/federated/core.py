@@ -27,10 +27,10 @@ from torch import nn
 from .. import config as config_mod
 from .. import registry
 from ..config import RunConfig
-from ..data import Example, Splits, load_splits
+from ..data import Batches, Example, Splits, load_splits
 from ..errors import SlimtuneError
 from ..evaluate import evaluate
-from ..loop import Batches, LocalRound, train
+from ..loop import LocalRound, train
 from ..loss import find_head
 from ..methods.base import PrepareContext
 from ..models import load_model

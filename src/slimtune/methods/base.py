@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -162,17 +163,80 @@ class OptimizerMethod(ABC):
     @abstractmethod
     def build(self, groups: list[dict[str, Any]], model: nn.Module) -> torch.optim.Optimizer:
         """The optimizer over ``groups`` (from the params method's ``param_groups``); ``model``
-        lets it tell what a tensor is (e.g. GaLore projects linear weights only).
+        lets it tell what a tensor is (e.g. GaLore projects linear weights only). How one
+        training step uses it is :meth:`step`'s business."""
 
-        An optimizer whose ``steps_in_backward`` is True updates parameters from gradient hooks
-        during backward (layer-wise GaLore). The loop then sets its ``accumulating`` flag for
-        every micro-batch but the last and its ``max_grad_norm`` (the optimizer clips), reads
-        the global norm from its ``grad_norm()`` and still calls ``step()`` once per step.
+    def check(self, train: Any, world: int) -> None:
+        """Refuse (``SlimtuneError``) a loop setting this optimizer's step cannot honour, e.g.
+        fp16 loss scaling or several processes. ``train`` is the recipe's train section."""
+        return None
 
-        An optimizer whose ``zeroth_order`` is True estimates the gradient from forward passes:
-        the loop builds no graph and calls ``loss = step(closure)`` once per step, where
-        ``closure(forward)`` runs each micro-batch through ``forward(batch)`` (a tensor of loss
-        sums, one per perturbation) and returns their sum over micro-batches and processes
-        divided by the step's target tokens. It sets ``loss_chunk_tokens`` and reads the
-        ``step_info`` dict into the metrics row.
-        """
+    def step(self, ctx: StepContext) -> StepResult:
+        """One optimizer step over ``ctx.micro``; the loop has one step path and calls only
+        this. Contract: compute the step's loss (and gradient norm if there is one), call
+        ``ctx.guard(loss, grad_norm)`` *before* any weight changes where the method can (it
+        raises on a non-finite value, so the weights stay good), then update. The loop zeroes
+        gradients and steps the learning-rate schedule afterwards.
+
+        The default is backpropagation: accumulate the micro-batches' gradients, clip to
+        ``ctx.max_grad_norm`` (or just measure the norm), ``optimizer.step()``."""
+        loss = backprop(ctx)
+        grad_norm = clip_or_measure(ctx)
+        ctx.guard(loss, grad_norm)
+        ctx.optimizer.step()
+        return StepResult(loss, grad_norm)
+
+
+@dataclass
+class StepContext:
+    """What an optimizer method's :meth:`OptimizerMethod.step` gets from the loop."""
+
+    accelerator: Any  # accelerate.Accelerator: device, autocast, backward, no_sync, reduce
+    model: nn.Module  # as prepared by accelerate (DDP-wrapped under several processes)
+    optimizer: Any  # as prepared by accelerate (fp16 loss scaling lives in its step())
+    raw: torch.optim.Optimizer  # the method's own optimizer object
+    micro: list[dict[str, torch.Tensor]]  # this process's micro-batches, on the CPU
+    n_targets: int  # target tokens of the whole step on all processes (the loss divisor)
+    loss_sum: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]  # summed CE
+    max_grad_norm: float  # 0: no clipping
+    loss_chunk_tokens: int
+    guard: Callable[[float, float | None], None]  # raises TrainingDiverged on non-finite
+
+    def on_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.accelerator.device) for k, v in batch.items()}
+
+
+@dataclass
+class StepResult:
+    loss: float  # mean target-token loss of the step over all processes
+    grad_norm: float | None = None  # pre-clip global norm; None where there is no gradient
+    metrics: dict[str, Any] = field(default_factory=dict)  # extra columns of the metrics row
+
+
+def backprop(ctx: StepContext, before: Callable[[int, bool], None] | None = None) -> float:
+    """Forward and backward of every micro-batch, gradients summed; the loss is normalised by
+    the target tokens of the whole step on all processes, so batch 8 == 4 x accumulation 2 ==
+    2 processes x 4. ``before(i, last)`` runs ahead of micro-batch ``i``. Returns the loss."""
+    acc, world = ctx.accelerator, ctx.accelerator.num_processes
+    total = torch.zeros((), device=acc.device)
+    for i, batch in enumerate(ctx.micro):
+        last = i == len(ctx.micro) - 1
+        if before is not None:
+            before(i, last)
+        # gradients are all-reduced only on the last micro-batch of the step
+        sync = nullcontext() if last else acc.no_sync(ctx.model)
+        with sync, acc.autocast():
+            ce = ctx.loss_sum(ctx.model, ctx.on_device(batch))
+            acc.backward(ce * world / max(ctx.n_targets, 1))
+        total += ce.detach().float()
+    return float(acc.reduce(total, "sum")) / max(ctx.n_targets, 1)
+
+
+def clip_or_measure(ctx: StepContext) -> float:
+    """The global gradient norm before clipping; clipped to ``ctx.max_grad_norm`` when set.
+    Measured with clipping off too: a non-finite gradient must never reach the weights."""
+    params = [p for p in ctx.model.parameters() if p.requires_grad]
+    if ctx.max_grad_norm > 0:
+        return float(ctx.accelerator.clip_grad_norm_(params, ctx.max_grad_norm))
+    grads = [p.grad for p in params if p.grad is not None]
+    return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0

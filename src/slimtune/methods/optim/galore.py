@@ -48,9 +48,10 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from ...errors import SlimtuneError
 from ...memory import optimizer_state_bytes
 from ...registry import register
-from ..base import OptimizerMethod, check_betas
+from ..base import OptimizerMethod, StepContext, StepResult, backprop, check_betas
 
 BLOCK = 256  # 8-bit moments: elements per quantisation block
 MIN_8BIT = 4096  # smaller state tensors stay fp32 (as bitsandbytes does)
@@ -521,6 +522,36 @@ class GaLore(OptimizerMethod):
     def extra_defaults(self) -> dict[str, Any]:
         """Optimizer keyword arguments a subclass method adds."""
         return {}
+
+    def check(self, train: Any, world: int) -> None:
+        if not self.cfg.layerwise:
+            return
+        if world > 1:
+            raise SlimtuneError(
+                f"optimizer: {self.name}: layerwise updates run in a single process only "
+                f"(this run has {world}); set optimizer.layerwise=false"
+            )
+        if train.mixed_precision == "fp16":
+            raise SlimtuneError(
+                f"optimizer: {self.name}: layerwise updates cannot be combined with "
+                "train.mixed_precision=fp16 (its loss scaling unscales gradients at step(), after "
+                "they were applied); use bf16 or no"
+            )
+
+    def step(self, ctx: StepContext) -> StepResult:
+        """Layer-wise: each parameter is clipped and updated by its gradient hook inside the
+        last micro-batch's backward (earlier ones only accumulate); ``step()`` then finishes
+        the bookkeeping. A non-finite gradient is skipped by the hook and shows in the norm,
+        so the guard stops the run with the finite part applied (the checkpoint stays good)."""
+        if not self.cfg.layerwise:
+            return super().step(ctx)
+        opt = ctx.raw
+        opt.max_grad_norm = ctx.max_grad_norm
+        loss = backprop(ctx, before=lambda i, last: setattr(opt, "accumulating", not last))
+        grad_norm = opt.grad_norm()
+        ctx.guard(loss, grad_norm)
+        ctx.optimizer.step()
+        return StepResult(loss, grad_norm)
 
     def build(self, groups: list[dict[str, Any]], model: nn.Module) -> torch.optim.Optimizer:
         c = self.cfg

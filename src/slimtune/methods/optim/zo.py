@@ -41,10 +41,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...data import IGNORE
+from ...errors import SlimtuneError
 from ...loss import Head, _innermost, find_head
 from ...memory import trim_heap
 from ...registry import register
-from ..base import OptimizerMethod, check_betas
+from ..base import OptimizerMethod, StepContext, StepResult, check_betas
 
 CHUNK = 1 << 22  # elements of z generated at once by the update (16 MiB of fp32)
 POOL_BLOCK = 1 << 16  # elements of z taken as one contiguous slice of the noise pool
@@ -815,6 +816,30 @@ class ZerothOrder(OptimizerMethod):
 
     def build(self, groups: list[dict[str, Any]], model: nn.Module) -> torch.optim.Optimizer:
         return ZerothOrderOptimizer(groups, model, self.cfg, self.rule)
+
+    def check(self, train: Any, world: int) -> None:
+        if train.mixed_precision == "fp16":
+            raise SlimtuneError(
+                f"optimizer: {self.name}: zeroth-order steps take no fp16 loss scaling; use "
+                "train.mixed_precision=bf16 or no"
+            )
+
+    def step(self, ctx: StepContext) -> StepResult:
+        """Forward passes only (no graph): the optimizer perturbs, estimates and updates in one
+        call. ``losses(forward)`` runs each micro-batch through ``forward(batch)`` (a tensor of
+        loss sums, one per perturbation) and returns their sum over micro-batches and processes
+        divided by the step's target tokens."""
+        opt = ctx.raw
+        opt.loss_chunk_tokens = ctx.loss_chunk_tokens
+
+        def losses(forward: Callable[[dict[str, torch.Tensor]], torch.Tensor]) -> torch.Tensor:
+            total = sum(forward(ctx.on_device(b)) for b in ctx.micro)
+            return ctx.accelerator.reduce(total, "sum") / max(ctx.n_targets, 1)
+
+        with torch.no_grad(), ctx.accelerator.autocast():
+            loss = float(opt.step(losses))
+        ctx.guard(loss, None)  # an estimator with a non-finite loss has skipped its update
+        return StepResult(loss, None, dict(opt.step_info))
 
 
 @register("optimizer", "mezo")

@@ -1,0 +1,196 @@
+"""A run's parts, assembled before its first step: the methods (checked against the loop's
+settings), the model and tokenizer, the data and its order, the prepared model, the optimizer
+and its schedule, the output head and accelerate's wrapping.
+
+Nothing is written here but the methods' scratch space (``work_dir``, for ``prepare()``), which
+the loop removes whatever happens; the run directory stays as it was until all of it succeeded.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from accelerate.utils import set_seed
+from transformers import get_scheduler
+
+from . import registry
+from .config import RunConfig
+from .data import Batches, Splits, load_splits, total_steps
+from .errors import SlimtuneError
+from .loss import Head, find_head
+from .memory import trim_after_blocks
+from .methods.base import OptimizerMethod, ParamsMethod, PrepareContext
+from .models import load_model, pick_device
+
+log = logging.getLogger(__name__)
+
+SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
+
+
+def make_accelerator(cfg: RunConfig, run_dir: Path) -> Accelerator:
+    device = pick_device(cfg.model.device)
+    # accelerate keeps one process-wide state; a second run in the same process (a notebook, a
+    # benchmark) with other precision or device settings must start from a clean one. The
+    # distributed part (PartialState) is kept.
+    AcceleratorState._reset_state()
+    return Accelerator(
+        cpu=device.type == "cpu",
+        mixed_precision=cfg.train.mixed_precision,
+        log_with=cfg.train.report_to or None,
+        project_dir=str(run_dir),
+    )
+
+
+@dataclass
+class LocalRound:
+    """How a federated client runs the loop for one round (see ``federated/``).
+
+    ``base`` is a loaded (model, tokenizer) pair the run may modify (the caller passes a copy);
+    ``position`` is where the client's data order continues from; ``calibration`` replaces the
+    run's own calibration batches (every party must prepare the model alike);
+    ``setup(model, optimizer, method)`` runs once before the first step (it loads the round's
+    start state); no final artefacts are written.
+    """
+
+    base: tuple[torch.nn.Module, Any]
+    position: int = 0
+    calibration: Callable[[], Any] | None = None
+    setup: Callable[[torch.nn.Module, torch.optim.Optimizer, ParamsMethod], None] | None = None
+
+
+@dataclass
+class Parts:
+    method: ParamsMethod
+    optim_method: OptimizerMethod
+    tok: Any
+    splits: Splits
+    batches: Batches  # the training order; a checkpoint stores its position
+    steps: int  # optimizer steps of the whole run
+    model: torch.nn.Module  # as prepared by accelerate (DDP-wrapped under several processes)
+    plain: torch.nn.Module  # the same model unwrapped: what methods save and evaluate
+    optimizer: Any  # as prepared by accelerate
+    raw_optimizer: torch.optim.Optimizer  # the optimizer method's own object
+    scheduler: Any
+    head: Head
+    trims: list[Any]  # train.trim_memory's hooks, removed when the loop ends
+    n_trainable: int
+    n_total: int
+
+
+def assemble(
+    cfg: RunConfig,
+    acc: Accelerator,
+    work_dir: Path,
+    splits: Splits | None,
+    local: LocalRound | None,
+) -> Parts:
+    """Every part of a run, in the order that keeps runs reproducible from ``train.seed``
+    (model loading, data, ``prepare`` and the optimizer draw from the seeded generators)."""
+    tc, world = cfg.train, acc.num_processes
+    set_seed(tc.seed)
+    method, optim_method = _methods(cfg, world)
+    if local is not None:
+        model, tok = local.base
+    else:
+        model, tok = load_model(
+            cfg.model.name,
+            cfg.model.dtype,
+            device=None,
+            trust_remote_code=cfg.model.trust_remote_code,
+            attn_implementation=cfg.model.attn_implementation,
+        )
+    splits = splits or load_splits(cfg.data, tok)
+    batches = Batches(splits.train, tc.batch_size, tc.seed, acc.process_index, world)
+    if local is not None and local.position:
+        batches.seek(local.position)
+    steps = total_steps(cfg, len(splits.train), world)
+
+    def calibration() -> Iterator[dict[str, torch.Tensor]]:
+        """Training batches in their own seeded order, for methods that calibrate on data."""
+        cal = Batches(splits.train, tc.batch_size, tc.seed + 1, 0, 1)
+        while True:
+            yield cal.next(tok.pad_token_id)
+
+    source = local.calibration if local is not None and local.calibration else calibration
+    ctx = PrepareContext(tok, work_dir, tc.seed, source, extras={"total_steps": steps})
+    model = _prepare(cfg, acc, method, model, ctx)
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_total = sum(p.numel() for p in model.parameters())
+    if n_trainable == 0:
+        raise SlimtuneError(f"params: method {cfg.params.name!r} left no trainable parameter")
+    groups = method.param_groups(model, cfg.optimizer.weight_decay)
+    raw = optim_method.build(groups, model)
+    if local is not None and local.setup is not None:
+        local.setup(model, raw, method)
+    scheduler = get_scheduler(
+        SCHEDULES[tc.schedule], raw, num_warmup_steps=tc.warmup_steps, num_training_steps=steps
+    )
+    # Resolve the head before accelerate wraps forward in autocast: the check compares the
+    # model's own logits with head(final hidden state) in the model's dtype.
+    head = find_head(model)
+    trims = []
+    if tc.trim_memory and acc.device.type == "cpu":
+        trims = trim_after_blocks(model)
+        if not trims:
+            log.warning("train.trim_memory: not glibc or no transformer blocks; no effect")
+    model.train()
+    wrapped, optimizer = acc.prepare(model, raw)
+    plain = acc.unwrap_model(wrapped)
+    return Parts(
+        method=method,
+        optim_method=optim_method,
+        tok=tok,
+        splits=splits,
+        batches=batches,
+        steps=steps,
+        model=wrapped,
+        plain=plain,
+        optimizer=optimizer,
+        raw_optimizer=raw,
+        scheduler=scheduler,
+        head=head,
+        trims=trims,
+        n_trainable=n_trainable,
+        n_total=n_total,
+    )
+
+
+def _methods(cfg: RunConfig, world: int) -> tuple[ParamsMethod, OptimizerMethod]:
+    """The recipe's params and optimizer methods, refusing settings they cannot honour before
+    anything is loaded."""
+    method = registry.get("params", cfg.params.name)(cfg.params)
+    optim_method = registry.get("optimizer", cfg.optimizer.name)(cfg.optimizer)
+    optim_method.check(cfg.train, world)
+    if cfg.train.gradient_checkpointing and not method.supports_checkpointing:
+        raise SlimtuneError(
+            f"params: {cfg.params.name} cannot be combined with "
+            "train.gradient_checkpointing=true (its cached prefixes are applied again "
+            "when a block is recomputed); set it to false"
+        )
+    return method, optim_method
+
+
+def _prepare(
+    cfg: RunConfig,
+    acc: Accelerator,
+    method: ParamsMethod,
+    model: torch.nn.Module,
+    ctx: PrepareContext,
+) -> torch.nn.Module:
+    """The params method's form of the model, on the run's device, ready to train."""
+    model.to(acc.device)
+    ctx.work_dir.mkdir(parents=True, exist_ok=True)
+    model = method.prepare(model, ctx)
+    model.config.use_cache = False
+    if cfg.train.gradient_checkpointing:
+        model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False}
+        )
+    return model
