@@ -112,21 +112,11 @@ def assemble(
         batches.seek(local.position)
     steps = total_steps(cfg, len(splits.train), world)
 
-    def calibration() -> Iterator[dict[str, torch.Tensor]]:
-        """Training batches in their own seeded order, for methods that calibrate on data."""
-        cal = Batches(splits.train, tc.batch_size, tc.seed + 1, 0, 1)
-        while True:
-            yield cal.next(tok.pad_token_id)
-
-    source = local.calibration if local is not None and local.calibration else calibration
+    own = local.calibration if local is not None else None
+    source = own or (lambda: _calibration(splits, tc.batch_size, tc.seed + 1, tok.pad_token_id))
     ctx = PrepareContext(tok, work_dir, tc.seed, source, extras={"total_steps": steps})
     model = _prepare(cfg, acc, method, model, ctx)
-    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    n_total = sum(p.numel() for p in model.parameters())
-    if n_trainable == 0:
-        raise SlimtuneError(f"params: method {cfg.params.name!r} left no trainable parameter")
-    groups = method.param_groups(model, cfg.optimizer.weight_decay)
-    raw = optim_method.build(groups, model)
+    raw = optim_method.build(method.param_groups(model, cfg.optimizer.weight_decay), model)
     if local is not None and local.setup is not None:
         local.setup(model, raw, method)
     scheduler = get_scheduler(
@@ -135,14 +125,9 @@ def assemble(
     # Resolve the head before accelerate wraps forward in autocast: the check compares the
     # model's own logits with head(final hidden state) in the model's dtype.
     head = find_head(model)
-    trims = []
-    if tc.trim_memory and acc.device.type == "cpu":
-        trims = trim_after_blocks(model)
-        if not trims:
-            log.warning("train.trim_memory: not glibc or no transformer blocks; no effect")
+    trims = _trims(model) if tc.trim_memory and acc.device.type == "cpu" else []
     model.train()
     wrapped, optimizer = acc.prepare(model, raw)
-    plain = acc.unwrap_model(wrapped)
     return Parts(
         method=method,
         optim_method=optim_method,
@@ -151,14 +136,14 @@ def assemble(
         batches=batches,
         steps=steps,
         model=wrapped,
-        plain=plain,
+        plain=acc.unwrap_model(wrapped),
         optimizer=optimizer,
         raw_optimizer=raw,
         scheduler=scheduler,
         head=head,
         trims=trims,
-        n_trainable=n_trainable,
-        n_total=n_total,
+        n_trainable=sum(p.numel() for p in model.parameters() if p.requires_grad),
+        n_total=sum(p.numel() for p in model.parameters()),
     )
 
 
@@ -193,4 +178,23 @@ def _prepare(
         model.activation_checkpointing_enable(
             activation_checkpointing_kwargs={"use_reentrant": False}
         )
+    if not any(p.requires_grad for p in model.parameters()):
+        raise SlimtuneError(f"params: method {cfg.params.name!r} left no trainable parameter")
     return model
+
+
+def _calibration(
+    splits: Splits, batch: int, seed: int, pad_id: int
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Training batches in their own seeded order, for methods that calibrate on data."""
+    cal = Batches(splits.train, batch, seed, 0, 1)
+    while True:
+        yield cal.next(pad_id)
+
+
+def _trims(model: torch.nn.Module) -> list[Any]:
+    """train.trim_memory: give freed heap pages back after every block (glibc, CPU)."""
+    trims = trim_after_blocks(model)
+    if not trims:
+        log.warning("train.trim_memory: not glibc or no transformer blocks; no effect")
+    return trims
