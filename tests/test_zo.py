@@ -1,4 +1,4 @@
-"""Zeroth-order optimizers (methods/optim/zo.py): their defining behaviour.
+"""Zeroth-order optimizers (methods/optim/zo/): their defining behaviour.
 
 No autograd in a step; the weights are bitwise unchanged by the estimate (fp32 and bf16); the
 noise is a pure function of its counter; the estimator points along the true gradient on a

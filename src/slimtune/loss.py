@@ -127,6 +127,25 @@ def _chunk_ce(head: Head, rows: torch.Tensor, targets: torch.Tensor) -> torch.Te
     return F.cross_entropy(logits, targets, reduction="sum")
 
 
+def chunked_ce(
+    head: Head,
+    rows: torch.Tensor,
+    targets: torch.Tensor,
+    chunk: int | None,
+    total: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Summed cross-entropy of hidden-state rows through ``head`` (or, without a head module,
+    of logit rows), ``chunk`` rows at a time (None: all at once), added to ``total`` (default an
+    fp32 zero). No activation checkpointing: for forwards that build no graph (evaluation,
+    zeroth-order steps)."""
+    if total is None:
+        total = rows.new_zeros((), dtype=torch.float32)
+    step = chunk or max(len(targets), 1)
+    for i in range(0, len(targets), step):
+        total = total + _chunk_ce(head, rows[i : i + step], targets[i : i + step])
+    return total
+
+
 def causal_lm_loss(
     model: nn.Module, head: Head, batch: dict[str, torch.Tensor], chunk: int = 256
 ) -> tuple[torch.Tensor, int]:
@@ -149,15 +168,15 @@ def causal_lm_loss(
         )
         hidden = out.hidden_states[-1][:, -labels.shape[1] - 1 : -1]  # drop virtual tokens
         rows, recompute = hidden[keep], torch.is_grad_enabled()
-    frozen = _frozen_linear(head) if recompute else None
     total = rows.sum() * 0.0  # keeps the graph connected when a batch has no target
+    if not recompute:
+        return chunked_ce(head, rows, targets, chunk, total), n
+    frozen = _frozen_linear(head)
     for i in range(0, n, chunk):
         r, t = rows[i : i + chunk], targets[i : i + chunk]
         if frozen is not None:
             total = total + _FrozenHeadCE.apply(r, frozen, t, head.softcap)
-        elif recompute:
+        else:
             # Recompute this chunk's logits in backward instead of storing them.
             total = total + checkpoint(_chunk_ce, head, r, t, use_reentrant=False)
-        else:
-            total = total + _chunk_ce(head, r, t)
     return total, n

@@ -33,6 +33,7 @@ from ..evaluate import evaluate
 from ..loop import LocalRound, train
 from ..loss import find_head
 from ..methods.base import PrepareContext
+from ..methods.optim.zo import rules as zo_rules
 from ..models import load_model
 from . import aggregate as agg
 from . import partition, seeds
@@ -90,7 +91,7 @@ def validate(cfg: RunConfig) -> None:
     opt_cls = registry.get("optimizer", cfg.optimizer.name)
     zeroth = getattr(opt_cls, "rule", None) is not None
     if f.strategy == "fedkseed":
-        if not zeroth or opt_cls.rule != "sgd" or hasattr(cfg.optimizer, "sparsity"):
+        if not zeroth or opt_cls.rule is not zo_rules.SGD or hasattr(cfg.optimizer, "sparsity"):
             raise SlimtuneError(
                 "config: optimizer: federated.strategy fedkseed runs MeZO steps; set optimizer "
                 f"to mezo (got {cfg.optimizer.name!r})"

@@ -1,0 +1,236 @@
+"""Forwards at ``W + s z`` without moving the weights.
+
+Instead of MeZO's in-place +eps, -2eps, +eps (which does not restore the weights exactly in
+floating point), every module that owns a perturbed parameter gets a forward wrapper that builds
+``W + s z`` (in fp32, cast once to the weight's dtype) for the duration of its own call. The
++eps and -eps losses come from one forward of the batch stacked twice: each wrapper runs the
+first half with ``W + eps z`` and the second with ``W - eps z``, from one generation of its z.
+So the weights are bitwise what they were before the step, in fp32 and in bf16, and z is
+generated twice per step (estimate and update) instead of four times. Transient memory is one
+module's weight, except the embedding (only the looked-up rows are perturbed) and a tied or
+trainable output head (processed in vocabulary blocks by the forward, see ``forward.py``).
+
+Forward gradients use the same wrappers with dual tensors (``torch.autograd.forward_ad``, the
+engine behind ``torch.func.jvp``), so the tangent z also exists one module at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
+from torch import nn
+
+from .noise import Noise, PerturbedTensor
+
+
+@dataclass
+class Pass:
+    """What the wrappers do during one forward: the noise key, and per stacked copy of the
+    batch the scale s of ``W + s z`` (or the tangent for a dual pass)."""
+
+    key: tuple[int, int]
+    scales: list[float]
+    dual: bool = False
+    active: dict[int, PerturbedTensor] = field(default_factory=dict)  # id(param) -> tensor
+    segment: int | None = None  # set while a wrapper runs one copy (nested modules use it)
+
+
+class Unstackable(RuntimeError):
+    """A module saw a batch that is not the stacked copies (computed once per batch)."""
+
+
+class Perturber:
+    """Installs the per-module forward wrappers and generates z (see :class:`Noise`)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tensors: list[PerturbedTensor],
+        noise: str,
+        mask_ratio: float,
+        pool_bits: int = 0,
+        seed: int = 0,
+    ):
+        self.model, self.tensors, self.mask_ratio = model, tensors, mask_ratio
+        device = next((t.param.device for t in tensors), torch.device("cpu"))
+        self.noise = Noise(noise, mask_ratio, pool_bits, seed, device)
+        self.z, self.z_rows = self.noise.z, self.noise.z_rows
+        self.by_id = {id(t.param): t for t in tensors}
+        self.pass_: Pass | None = None
+        self.owners: list[tuple[nn.Module, list[str]]] = []
+        for module in model.modules():
+            names = [
+                n for n, p in module._parameters.items() if p is not None and id(p) in self.by_id
+            ]
+            if names:
+                self.owners.append((module, names))
+        self._installed = False
+
+    # --- wrappers ----------------------------------------------------------------------------
+    def install(self) -> None:
+        if self._installed:
+            return
+        for module, names in self.owners:
+            module.forward = self._wrap(module, names, module.forward)
+        self._installed = True
+
+    def remove(self) -> None:
+        for module, _ in self.owners:
+            module.__dict__.pop("forward", None)
+        self._installed = False
+
+    @contextlib.contextmanager
+    def perturbed(self, spec: Pass) -> Iterator[None]:
+        self.install()
+        self.pass_ = spec
+        try:
+            yield
+        finally:
+            # Never leave wrappers behind: a deep copy of the model (merge, export) would keep
+            # closures that call the original modules.
+            self.pass_ = None
+            self.remove()
+
+    def _wrap(self, module: nn.Module, names: list[str], forward: Callable) -> Callable:
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            spec = self.pass_
+            mine = [(n, spec.active.get(id(module._parameters[n]))) for n in names] if spec else []
+            mine = [(n, t) for n, t in mine if t is not None]
+            if not mine:
+                return forward(*args, **kwargs)
+            if spec.segment is not None:  # inside a module that already split the batch
+                return self._run(module, mine, forward, args, kwargs, spec, [spec.segment], None)
+            k = len(spec.scales)
+            x = next((a for a in (*args, *kwargs.values()) if torch.is_tensor(a)), None)
+            if x is None or x.numel() == 0:
+                return forward(*args, **kwargs)
+            if k == 1:
+                return self._run(module, mine, forward, args, kwargs, spec, [0], None)
+            if x.shape[0] % k:
+                raise Unstackable(
+                    f"zeroth-order: {type(module).__name__} got {x.shape[0]} rows, not a multiple "
+                    f"of the {k} stacked copies of the batch"
+                )
+            return self._run(module, mine, forward, args, kwargs, spec, list(range(k)), x.shape[0])
+
+        return wrapped
+
+    def _run(self, module, mine, forward, args, kwargs, spec: Pass, segments, n) -> Any:
+        if isinstance(module, nn.Embedding) and len(mine) == 1 and mine[0][0] == "weight":
+            # Only the looked-up rows are perturbed: the module's own forward (a subclass may
+            # post-process the lookup, as Gemma's scaled embedding does) runs with a weight
+            # whose F.embedding answers from the perturbed-rows path.
+            t = mine[0][1]
+
+            def lookup(ids: torch.Tensor) -> torch.Tensor:
+                return self._embedding(module, t, ids, spec, segments, n)
+
+            with _swapped(module, {"weight": _LookupWeight.of(t.param.detach(), lookup)}):
+                return forward(*args, **kwargs)
+        zs = {name: self.z(t, spec.key, 0, t.param.numel(), t.param.detach()) for name, t in mine}
+        outs = []
+        for j in segments:
+            part = (args, kwargs) if n is None else _slice(args, kwargs, n, len(segments), j)
+            subst = {}
+            for name, t in mine:
+                w = t.param.detach()
+                if spec.dual:
+                    subst[name] = fwAD.make_dual(w, zs[name].to(w.dtype))
+                elif spec.scales[j] != 0:
+                    subst[name] = torch.add(w.float(), zs[name], alpha=spec.scales[j]).to(w.dtype)
+            prev, spec.segment = spec.segment, j
+            try:
+                with _swapped(module, subst):
+                    outs.append(forward(*part[0], **part[1]))
+            finally:
+                spec.segment = prev
+        return outs[0] if len(outs) == 1 else _cat(outs)
+
+    def _embedding(
+        self, module: nn.Embedding, t: PerturbedTensor, ids, spec: Pass, segments, n
+    ) -> torch.Tensor:
+        w = t.param.detach()
+        rows, inverse = torch.unique(ids, return_inverse=True)
+        z = self.z_rows(t, spec.key, rows)
+        k = len(segments)
+        size = ids.shape[0] // k if n is not None else ids.shape[0]
+        outs = []
+        for idx, j in enumerate(segments):
+            sl = slice(idx * size, (idx + 1) * size) if n is not None else slice(None)
+            base = F.embedding(ids[sl], w, module.padding_idx)
+            dz = F.embedding(inverse[sl], z)
+            if spec.dual:
+                outs.append(fwAD.make_dual(base, dz.to(base.dtype)))
+            elif spec.scales[j] != 0:
+                outs.append(
+                    torch.add(w.float()[ids[sl]], dz, alpha=spec.scales[j]).to(w.dtype)
+                    if w.dtype != torch.float32
+                    else torch.add(base, dz, alpha=spec.scales[j])
+                )
+            else:
+                outs.append(base)
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+class _LookupWeight(torch.Tensor):
+    """An embedding weight (a view, no copy) whose ``F.embedding`` lookups are answered by a
+    callback; every other operation sees the plain weight. It stands in for one module's
+    weight during that module's call only, so nothing global is patched."""
+
+    _lookup: Callable[[torch.Tensor], torch.Tensor]
+
+    @staticmethod
+    def of(w: torch.Tensor, lookup: Callable[[torch.Tensor], torch.Tensor]) -> _LookupWeight:
+        out = w.as_subclass(_LookupWeight)
+        out._lookup = lookup
+        return out
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):  # type: ignore[override]
+        kwargs = kwargs or {}
+        if func is F.embedding:
+            weight = args[1] if len(args) > 1 else kwargs["weight"]
+            if isinstance(weight, _LookupWeight):
+                return weight._lookup(args[0] if args else kwargs["input"])
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **kwargs)
+
+
+def _slice(args, kwargs, n: int, k: int, j: int):
+    size = n // k
+
+    def cut(a):
+        return (
+            a[j * size : (j + 1) * size] if torch.is_tensor(a) and a.ndim and a.shape[0] == n else a
+        )
+
+    return tuple(cut(a) for a in args), {key: cut(v) for key, v in kwargs.items()}
+
+
+def _cat(outs: list[Any]) -> Any:
+    first = outs[0]
+    if torch.is_tensor(first):
+        return torch.cat(outs)
+    if isinstance(first, tuple):
+        return type(first)(
+            _cat([o[i] for o in outs]) if torch.is_tensor(first[i]) else first[i]
+            for i in range(len(first))
+        )
+    raise RuntimeError(f"zeroth-order: cannot stack module outputs of type {type(first).__name__}")
+
+
+@contextlib.contextmanager
+def _swapped(module: nn.Module, subst: dict[str, torch.Tensor]) -> Iterator[None]:
+    """Make ``module.<name>`` return the given tensors (bypassing Parameter checks)."""
+    saved = {name: module._parameters[name] for name in subst}
+    module._parameters.update(subst)
+    try:
+        yield
+    finally:
+        module._parameters.update(saved)
