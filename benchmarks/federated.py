@@ -23,8 +23,12 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from fresh_process import run_worker  # noqa: E402
 from tasks import demo_task  # noqa: E402
+
+from slimtune.bench import run_worker  # noqa: E402
+
+# each configuration runs in a fresh process: this script with --worker SPEC.json
+WORKER = [sys.executable, __file__, "--worker"]
 
 LORA = {"name": "lora", "r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]}
 
@@ -81,10 +85,10 @@ def worker(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
     from slimtune import config
-    from slimtune.cli import _quiet
+    from slimtune.console import quiet_libraries
     from slimtune.federated.app import simulate
 
-    _quiet()
+    quiet_libraries()
     summary = simulate(config.from_dict(spec["recipe"]))
     Path(spec["result"]).write_text(json.dumps(summary))
 
@@ -124,7 +128,7 @@ def main() -> None:
         split = {"partition": "dirichlet", "alpha": args.alpha} if args.alpha else {}
         rec = recipe(row, args.rounds, args.clients, args.eval_size, str(work / "run"), split)
         print(f"{row}: running ({args.rounds} rounds, {args.clients} clients)", flush=True)
-        res = run_worker(__file__, row, rec, work)
+        res = run_worker(WORKER, row, rec, work)
         res["recipe"] = rec
         res["per_round"] = [
             json.loads(x) for x in (work / "run" / "metrics.jsonl").read_text().splitlines()

@@ -27,13 +27,18 @@ import json
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from fresh_process import run_worker
 from tasks import demo_task, packed_sst2
+
+from slimtune.bench import run_worker
+
+# each configuration runs in a fresh process: this script with --worker SPEC.json
+WORKER = [sys.executable, __file__, "--worker"]
 
 MODEL = "smollm2-135m"
 RANK, GAP, SCALE = 32, 200, 0.25  # table: GaLore's fine-tuning-sized rank on 576-wide layers
@@ -137,7 +142,7 @@ def worker(spec_path: Path) -> None:
 
 
 def run_row(row: str, part: str, steps: int, work: Path) -> dict[str, Any]:
-    return run_worker(__file__, row, recipe(row, part, steps, str(work / "run")), work)
+    return run_worker(WORKER, row, recipe(row, part, steps, str(work / "run")), work)
 
 
 def gb(n: float) -> str:

@@ -362,7 +362,7 @@ def cpu_busy_seconds() -> float:
 @dataclass
 class ChildRun:
     result: dict[str, Any]
-    maxrss_kib: int  # ru_maxrss of the child: its peak RSS
+    peak_rss: int  # bytes: ru_maxrss of the child, its peak RSS
     wall_s: float
     cpu_s: float  # the child's own user + system time
     others_cores: float  # CPU used by everything else meanwhile, in cores: timings are only
@@ -371,26 +371,23 @@ class ChildRun:
 
 def run_config(name: str, job: Job, env: dict[str, str], log_path: Path) -> ChildRun:
     """Run one configuration in a fresh interpreter and wait for it."""
+    from slimtune.bench import run_fresh  # the parent only: a worker imports its own side's stack
+
     job_path = Path(job.work_dir) / "job.json"
     job_path.write_text(json.dumps(asdict(job)))
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", str(job_path)]
-    busy0, t0 = cpu_busy_seconds(), time.perf_counter()
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-        # os.wait4 gives this child's own rusage (RUSAGE_CHILDREN would be a max over all).
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-    wall, busy = time.perf_counter() - t0, cpu_busy_seconds() - busy0
-    if proc.returncode != 0:
+    busy0 = cpu_busy_seconds()
+    done = run_fresh(cmd, log_path, env)
+    busy = cpu_busy_seconds() - busy0
+    if done.returncode != 0:
         tail = "\n".join(log_path.read_text().splitlines()[-30:])
-        raise SystemExit(f"{name} failed (exit {proc.returncode}); log {log_path}:\n{tail}")
-    cpu = usage.ru_utime + usage.ru_stime
+        raise SystemExit(f"{name} failed (exit {done.returncode}); log {log_path}:\n{tail}")
     return ChildRun(
         json.loads(Path(job.result_path).read_text()),
-        usage.ru_maxrss,
-        wall,
-        cpu,
-        max(0.0, busy - cpu) / wall,
+        done.peak_rss,
+        done.wall_s,
+        done.cpu_s,
+        max(0.0, busy - done.cpu_s) / done.wall_s,
     )
 
 
@@ -405,7 +402,7 @@ def per_round(run: ChildRun, warmup: int) -> dict[str, Any]:
         "measured_s": intervals[warmup:],
         "cpu_per_step": cpu[warmup:],  # (user s, system s, minor faults) per measured step
         "compute_s": raw["step_compute_s"][warmup:],  # the framework's own span of a step
-        "peak_rss_bytes": run.maxrss_kib * 1024,
+        "peak_rss_bytes": run.peak_rss,
         "wall_s": run.wall_s,
         "cpu_s": run.cpu_s,
         "others_cores": run.others_cores,

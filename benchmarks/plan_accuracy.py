@@ -19,13 +19,18 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from fresh_process import run_worker
 from tasks import packed_sst2
+
+from slimtune.bench import run_worker
+
+# each configuration runs in a fresh process: this script with --worker SPEC.json
+WORKER = [sys.executable, __file__, "--worker"]
 
 PLAN_NAMES = {"smollm2-135m": "smollm2-135m", "gemma3-270m": "gemma-3-270m"}
 
@@ -76,15 +81,14 @@ def worker(spec_path: Path) -> None:
 
 
 def predict(model: str, params: str, optim: str, args: argparse.Namespace) -> Any:
-    from slimtune import config
+    from slimtune import config, registry
     from slimtune.plan.planner import plan, workload_of
     from slimtune.plan.shapes import load_shape
-    from slimtune.registry import get
 
     cfg = config.from_dict(recipe(model, params, optim, args, "unused"))
     work = workload_of(cfg, steps=args.steps)
-    p = get("params", params)(cfg.params)
-    o = get("optimizer", optim)(cfg.optimizer)
+    p = registry.build("params", cfg.params)
+    o = registry.build("optimizer", cfg.optimizer)
     return plan(load_shape(PLAN_NAMES.get(model, model)), p, o, work, model)
 
 
@@ -154,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
             else:
                 d.mkdir(parents=True, exist_ok=True)
                 rec = recipe(model, params, optim, args, str(d / "run"))
-                res = run_worker(__file__, f"{params}/{optim}", rec, d)
+                res = run_worker(WORKER, f"{params}/{optim}", rec, d)
             pred = predict(model, params, optim, args)
             ratio = pred.peak / res["peak_rss"]
             print(

@@ -28,13 +28,18 @@ import json
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from fresh_process import run_worker
 from tasks import demo_task, packed_sst2
+
+from slimtune.bench import run_worker
+
+# each configuration runs in a fresh process: this script with --worker SPEC.json
+WORKER = [sys.executable, __file__, "--worker"]
 
 ROWS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {  # row -> (params, optimizer)
     "full AdamW": ({"name": "full"}, {"name": "adamw", "lr": 1e-5}),
@@ -136,7 +141,7 @@ def run_row(row: str, args: argparse.Namespace, reuse: dict[str, Any] | None) ->
         with tempfile.TemporaryDirectory(prefix="selection-bench-") as tmp:
             work = Path(tmp)
             rec = recipe(row, part, steps[part], args.interval, args.eval_size, str(work / "run"))
-            res[part] = run_worker(__file__, row, rec, work)
+            res[part] = run_worker(WORKER, row, rec, work)
     m = res["memory"]
     return {
         **{k: m[k] for k in ("step_s", "peak_mb", "retained_mb", "trainable_fraction", "peak_rss")},

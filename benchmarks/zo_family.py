@@ -24,13 +24,18 @@ import json
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from fresh_process import run_worker
 from tasks import demo_task, packed_sst2
+
+from slimtune.bench import run_worker
+
+# each configuration runs in a fresh process: this script with --worker SPEC.json
+WORKER = [sys.executable, __file__, "--worker"]
 
 MODEL = "smollm2-135m"
 
@@ -148,10 +153,10 @@ def worker(spec_path: Path) -> None:
     from slimtune import config, loop
 
     if kind == "inference":
-        from slimtune.models import load_model
+        from slimtune.models import load_recipe_model
 
         cfg = config.from_dict(rec)
-        model, _ = load_model(cfg.model.name, cfg.model.dtype, device=None)
+        model, _ = load_recipe_model(cfg.model, place=False)
         model.config.use_cache = False
         timer = TwoForwards(rec)
         for _ in range(rec["train"]["steps"]):
@@ -189,7 +194,7 @@ def run(name: str, rec: dict[str, Any], kind: str) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="zo-bench-") as tmp:
         work = Path(tmp)
         rec = {**rec, "output_dir": str(work / "run"), "_kind": kind}
-        return run_worker(__file__, name, rec, work)
+        return run_worker(WORKER, name, rec, work)
 
 
 def main(argv: list[str] | None = None) -> None:

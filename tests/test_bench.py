@@ -74,3 +74,24 @@ def test_bench_cli_errors_are_one_line(tmp_path, cls_data, capsys):
     assert main(["bench", str(path), "train.stepz=1", "--methods", "full", "--out", str(out)]) == 2
     assert "unknown key 'stepz'" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_fresh_process_runner_returns_the_result_and_its_own_peak(tmp_path):
+    """``run_worker``: the spec in, the worker's JSON and the child's own peak RSS out; a failed
+    worker is one error with its log's tail."""
+    import sys
+
+    script = tmp_path / "worker.py"
+    script.write_text(
+        "import json, sys\n"
+        "spec = json.load(open(sys.argv[-1]))\n"
+        "if spec['recipe'].get('fail'):\n"
+        "    sys.exit('worker gave up')\n"
+        "block = bytearray(64 * 2**20)  # 64 MB, touched: the child's peak RSS is above it\n"
+        "json.dump({'echo': spec['recipe']['x']}, open(spec['result'], 'w'))\n"
+    )
+    cmd = [sys.executable, str(script)]
+    res = bench.run_worker(cmd, "toy", {"x": 3}, tmp_path / "ok")
+    assert res["echo"] == 3 and res["peak_rss"] > 64 * 2**20 and res["wall_s"] > 0
+    with pytest.raises(SlimtuneError, match=r"(?s)toy failed \(log .*log.txt\):\nworker gave up"):
+        bench.run_worker(cmd, "toy", {"fail": True}, tmp_path / "bad")

@@ -209,3 +209,49 @@ def test_every_shipped_recipe_validates():
     assert len(recipes) > 1
     for path in recipes:
         config.load(path)  # raises SlimtuneError on any unknown key or bad value
+
+
+def test_eval_and_merge_load_the_model_as_the_recipe_says(tmp_path, cls_data, capsys, monkeypatch):
+    """model.attn_implementation and model.trust_remote_code reach from_pretrained in
+    ``slimtune eval`` (run directory or recipe) and ``slimtune merge``, as in training."""
+    from transformers import AutoModelForCausalLM
+
+    from slimtune.models import tiny_llama, tiny_tokenizer
+
+    base = tmp_path / "base"
+    tok = tiny_tokenizer()
+    tiny_llama(vocab_size=len(tok)).save_pretrained(base)
+    tok.save_pretrained(base)
+    model = {"name": str(base), "attn_implementation": "eager", "trust_remote_code": True}
+    recipe = recipe_file(tmp_path, cls_data, model=model, params={"name": "lora", "r": 2})
+    assert main(["train", str(recipe), "train.steps=1"]) == 0
+    loads = []
+    real = AutoModelForCausalLM.from_pretrained
+
+    def spy(source, *args, **kwargs):
+        loads.append(kwargs)
+        return real(source, *args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", spy)
+    assert main(["eval", str(tmp_path / "out")]) == 0
+    assert main(["eval", str(recipe)]) == 0
+    assert main(["merge", str(tmp_path / "out"), str(tmp_path / "merged")]) == 0
+    capsys.readouterr()
+    assert len(loads) == 3
+    for kwargs in loads:
+        assert kwargs["attn_implementation"] == "eager" and kwargs["trust_remote_code"] is True
+
+
+def test_import_and_help_stay_light():
+    """``import slimtune`` and building the CLI import neither torch nor transformers (they take
+    seconds); ``slimtune.bench`` does not import the CLI (no import cycle)."""
+    code = (
+        "import sys, slimtune, slimtune.bench, slimtune.plan\n"
+        "assert 'slimtune.cli' not in sys.modules\n"
+        "from slimtune.cli import build_parser\n"
+        "build_parser()\n"
+        "heavy = {'torch', 'transformers'} & set(sys.modules)\n"
+        "assert not heavy, heavy\n"
+        "assert callable(slimtune.load_model) and 'torch' in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

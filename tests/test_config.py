@@ -80,3 +80,43 @@ def test_example_recipes_validate(recipe):
         from slimtune.federated.core import validate
 
         validate(cfg)
+
+
+def test_method_spec_names_itself_and_replace_keeps_the_name():
+    import dataclasses
+
+    from slimtune import registry
+    from slimtune.methods.params.lisa import Lisa
+    from slimtune.methods.params.lora import Lora
+    from slimtune.methods.params.owlore import OwLore
+
+    cfg = config.load(None, ["data.path=x", "params=lora", "params.r=8", "optimizer=mezo"])
+    four = dataclasses.replace(cfg.params, r=4)
+    assert four.name == "lora" and four.r == 4 and isinstance(four, Lora.Config)
+    assert dataclasses.replace(cfg.optimizer, lr=0.5).name == "mezo"
+    # the name is the class's, not an option: a recipe cannot set it apart from the method
+    assert Lora.Config().name == "lora" and Lisa.Config().name == "lisa"
+    assert OwLore.Config().name == "owlore"  # a subclass's Config names the subclass
+    with pytest.raises(TypeError):
+        Lora.Config(name="lisa")
+    assert "name" not in [f.name for f in registry.options(Lora.Config)]
+    with pytest.raises(SlimtuneError) as e:
+        config.load(None, ["data.path=x", "params=lora", "params.rr=4"])
+    assert "did you mean 'r'" in str(e.value) and "name" not in str(e.value).split("allowed")[1]
+    # to_dict / config.yaml: name first, then the options, as before
+    assert list(cfg.to_dict()["params"])[:2] == ["name", "r"]
+    assert config.dump(config.from_dict(cfg.to_dict())) == config.dump(cfg)
+
+
+def test_registry_build_binds_a_spec_to_its_method():
+    import dataclasses
+
+    from slimtune import registry
+    from slimtune.methods.optim.adamw import AdamW
+    from slimtune.methods.params.lora import Lora
+
+    cfg = config.load(None, ["data.path=x", "params=lora"])
+    method = registry.build("params", dataclasses.replace(cfg.params, r=2))
+    assert type(method) is Lora and method.cfg.r == 2 and method.cfg.name == "lora"
+    optim = registry.build("optimizer", cfg.optimizer)
+    assert type(optim) is AdamW and optim.cfg is cfg.optimizer

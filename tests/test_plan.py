@@ -366,3 +366,32 @@ def test_plan_cli(capsys, tmp_path):
     assert main(["plan", "--model", "gpt-5"]) == 2
     assert "not a bundled config" in capsys.readouterr().err
     assert main(["plan", "--model", "smollm2-135m", "--budget", "lots"]) == 2
+
+
+def test_budget_table_and_recipe_workload_from_the_library():
+    """What ``plan --budget`` prints is built in ``slimtune.plan`` (the CLI only parses args):
+    the recipe's pair first among the candidates, named as the recipe names it."""
+    from slimtune import config
+    from slimtune.plan import (
+        format_ranking,
+        recipe_specs,
+        shape_for,
+        with_candidates,
+        workload_for,
+    )
+
+    cfg = config.load(None, ["data.path=x", "data.max_seq_len=64", "params=lora", "params.r=4"])
+    work = workload_for(cfg, batch=2, seq=None, runtime="0.5GB")
+    assert (work.seq, work.batch, work.runtime) == (64, 2, 0.5 * GB)
+    mine = recipe_specs(cfg)
+    assert mine[0]["name"] == "lora" and mine[0]["r"] == 4 and mine[1]["name"] == "adamw"
+    pairs = with_candidates(mine)
+    assert pairs[0] is mine and len(pairs) == len(candidates())
+    ranked = rank(shape_for("smollm2-135m"), work, 3 * GB, pairs, True, "smollm2-135m")
+    text = format_ranking(ranked, "smollm2-135m", work, 3 * GB, mine)
+    lines = text.splitlines()
+    assert lines[0] == "smollm2-135m: batch 2 x seq 64, weights fp32, cpu; budget 3.00 GB"
+    (row,) = [r for r in lines if r.endswith("your recipe")]
+    assert row.startswith("yes   lora + adamw")
+    n_fit = sum(r.fits for r in ranked)
+    assert lines[-1] == f"{n_fit} of {len(ranked)} fit, largest trainable capacity first"

@@ -17,7 +17,6 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 from .config import RunConfig
 from .config import load as load_config
 from .errors import SlimtuneError, TrainingDiverged
-from .models import load_model
 
 __all__ = [
     "RunConfig",
@@ -30,6 +29,16 @@ __all__ = [
     "train",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # torch and transformers take seconds to import: ``import slimtune`` (and so ``slimtune
+    # --help``) stays light, and the model loader is imported on first use.
+    if name == "load_model":
+        from .models import load_model
+
+        return load_model
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def train(cfg: RunConfig, **kwargs):

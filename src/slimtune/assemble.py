@@ -27,7 +27,7 @@ from .errors import SlimtuneError
 from .loss import Head, find_head
 from .memory import trim_after_blocks
 from .methods.base import OptimizerMethod, ParamsMethod, PrepareContext
-from .models import load_model, pick_device
+from .models import load_recipe_model, pick_device
 
 log = logging.getLogger(__name__)
 
@@ -99,13 +99,7 @@ def assemble(
     if local is not None:
         model, tok = local.base
     else:
-        model, tok = load_model(
-            cfg.model.name,
-            cfg.model.dtype,
-            device=None,
-            trust_remote_code=cfg.model.trust_remote_code,
-            attn_implementation=cfg.model.attn_implementation,
-        )
+        model, tok = load_recipe_model(cfg.model, place=False)  # accelerate places it
     splits = splits or load_splits(cfg.data, tok)
     batches = Batches(splits.train, tc.batch_size, tc.seed, acc.process_index, world)
     if local is not None and local.position:
@@ -150,8 +144,8 @@ def assemble(
 def _methods(cfg: RunConfig, world: int) -> tuple[ParamsMethod, OptimizerMethod]:
     """The recipe's params and optimizer methods, refusing settings they cannot honour before
     anything is loaded."""
-    method = registry.get("params", cfg.params.name)(cfg.params)
-    optim_method = registry.get("optimizer", cfg.optimizer.name)(cfg.optimizer)
+    method = registry.build("params", cfg.params)
+    optim_method = registry.build("optimizer", cfg.optimizer)
     optim_method.check(cfg.train, world)
     if cfg.train.gradient_checkpointing and not method.supports_checkpointing:
         raise SlimtuneError(

@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -97,18 +98,78 @@ def gemm_peak(dtype: str = "fp32", seconds: float = 2.0, n: int = 2048) -> float
 
 def _predict(cfg: Any) -> Any:
     """The planner's breakdown for a recipe, or None where the model has no known shape."""
+    from . import registry
     from .plan import shape_for
     from .plan.planner import plan, workload_of
-    from .registry import get
 
     try:
         shape = shape_for(cfg.model.name)
     except SlimtuneError:
         return None
     work = workload_of(cfg, steps=cfg.train.steps or None)
-    p = get("params", cfg.params.name)(cfg.params)
-    o = get("optimizer", cfg.optimizer.name)(cfg.optimizer)
+    p, o = registry.build("params", cfg.params), registry.build("optimizer", cfg.optimizer)
     return plan(shape, p, o, work, cfg.model.name)
+
+
+@dataclass
+class Finished:
+    """How a fresh process ended and what it used (its own ``rusage``, from ``os.wait4``:
+    ``RUSAGE_CHILDREN`` would be a maximum over every child so far)."""
+
+    returncode: int
+    peak_rss: int  # bytes: the child's peak resident set (ru_maxrss)
+    cpu_s: float  # the child's user + system time
+    wall_s: float
+
+
+def run_fresh(
+    cmd: list[str],
+    log: Path,
+    env: dict[str, str] | None = None,
+    poll: Callable[[], None] | None = None,
+    poll_s: float = 0.5,
+) -> Finished:
+    """Run ``cmd`` in a fresh process, its output into ``log``, and wait for it, calling ``poll``
+    every ``poll_s`` seconds meanwhile (e.g. to follow its metrics). ``env``: the child's whole
+    environment (default: this process's)."""
+    t = time.perf_counter()
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        while True:
+            pid, status, usage = os.wait4(proc.pid, 0 if poll is None else os.WNOHANG)
+            if pid:
+                break
+            time.sleep(poll_s)
+            poll()  # type: ignore[misc]
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if poll is not None:
+        poll()
+    rss = usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)  # macOS: bytes, else KiB
+    return Finished(proc.returncode, rss, usage.ru_utime + usage.ru_stime, time.perf_counter() - t)
+
+
+def run_worker(
+    cmd: list[str],
+    name: str,
+    recipe: dict[str, Any],
+    work: Path,
+    poll: Callable[[], None] | None = None,
+) -> dict[str, Any]:
+    """Run a worker on ``recipe`` in a fresh process: ``cmd + [work/spec.json]``, where the spec
+    holds the recipe and the path the worker writes its JSON result to. Returns that result plus
+    ``peak_rss`` (bytes) and ``wall_s``; a failed worker raises with the tail of its log
+    (``work/log.txt``)."""
+    work.mkdir(parents=True, exist_ok=True)
+    spec = {"recipe": recipe, "result": str(work / "result.json")}
+    (work / "spec.json").write_text(json.dumps(spec))
+    log = work / "log.txt"
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    done = run_fresh([*cmd, str(work / "spec.json")], log, env, poll)
+    if done.returncode != 0:
+        raise SlimtuneError(f"{name} failed (log {log}):\n{log.read_text()[-2000:]}")
+    res = json.loads((work / "result.json").read_text())
+    res["peak_rss"], res["wall_s"] = done.peak_rss, done.wall_s
+    return res
 
 
 def _run_one(
@@ -117,44 +178,26 @@ def _run_one(
     """Run one method in a fresh process; follow its metrics.jsonl for the progress bar."""
     from tqdm.auto import tqdm
 
-    work.mkdir(parents=True, exist_ok=True)
-    spec = {"recipe": recipe, "result": str(work / "result.json")}
-    (work / "spec.json").write_text(json.dumps(spec))
     metrics = Path(recipe["output_dir"]) / "metrics.jsonl"
     bar = tqdm(total=steps, desc=bar_desc, unit="step", leave=True)
     bar.set_postfix_str("loading, evaluating")
     started = False
-    t = time.perf_counter()
-    with (work / "log.txt").open("w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "slimtune.bench", str(work / "spec.json")],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
-        )
-        status, usage = None, None
-        while status is None:
-            pid, st, ru = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                status, usage = st, ru
-                proc.returncode = os.waitstatus_to_exitcode(st)
-            else:
-                time.sleep(0.5)
-            done = _count_steps(metrics)
-            if done and not started:  # the rate starts with training, not with loading
-                bar.reset(total=steps)
-                bar.set_postfix_str("")
-                started = True
-            if done > bar.n:
-                bar.update(done - bar.n)
-    bar.close()
-    if proc.returncode != 0:
-        tail = (work / "log.txt").read_text()[-2000:]
-        raise SlimtuneError(f"bench: {entry.label} failed (log {work / 'log.txt'}):\n{tail}")
-    res = json.loads((work / "result.json").read_text())
-    res["peak_rss"] = usage.ru_maxrss * 1024 if sys.platform != "darwin" else usage.ru_maxrss
-    res["wall_s"] = time.perf_counter() - t
-    return res
+
+    def follow() -> None:
+        nonlocal started
+        done = _count_steps(metrics)
+        if done and not started:  # the rate starts with training, not with loading
+            bar.reset(total=steps)
+            bar.set_postfix_str("")
+            started = True
+        if done > bar.n:
+            bar.update(done - bar.n)
+
+    try:
+        cmd = [sys.executable, "-m", "slimtune.bench"]
+        return run_worker(cmd, f"bench: {entry.label}", recipe, work, poll=follow)
+    finally:
+        bar.close()
 
 
 def _count_steps(metrics: Path) -> int:
@@ -168,10 +211,10 @@ def _count_steps(metrics: Path) -> int:
 def worker(spec_path: str) -> None:
     """The child: run the recipe, write the summary and the loss curve."""
     from . import config
-    from .cli import _quiet
+    from .console import quiet_libraries
     from .loop import train
 
-    _quiet()
+    quiet_libraries()
     spec = json.loads(Path(spec_path).read_text())
     cfg = config.from_dict(spec["recipe"])
     result = train(cfg)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import logging
 import os
 import shutil
 import sys
@@ -13,22 +12,10 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
+from .console import quiet_libraries
 from .errors import SlimtuneError, TrainingDiverged
 
 EXIT_USAGE = 2
-
-
-def _quiet() -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import datasets
-    import huggingface_hub
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    huggingface_hub.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    datasets.utils.logging.disable_progress_bar()
-    logging.basicConfig(format="slimtune: %(message)s", level=logging.WARNING)
 
 
 def _fmt(v: Any) -> str:
@@ -92,7 +79,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     recipe, overrides = _split_recipe(args.args)
     cfg = config.load(recipe, overrides)
-    _quiet()
+    quiet_libraries()
     result = train(cfg)
     print_report(result.summary)
     if _is_main():
@@ -106,7 +93,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     recipe = files("slimtune").joinpath("recipes/demo.yaml")
     cfg = config.load(str(recipe), args.overrides)
-    _quiet()
+    quiet_libraries()
     print(
         "slimtune demo: LoRA on SmolLM2-135M-Instruct, SST-2 sentiment (600 train / 272 held out)"
     )
@@ -120,7 +107,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def _load_run(run_dir: Path, overrides: list[str]):
     """(config, trained model, tokenizer, method) of a finished run directory."""
     from . import config, registry
-    from .models import first_line, load_model
+    from .models import first_line, load_recipe_model
 
     if not (run_dir / "config.yaml").is_file() or not (run_dir / "summary.json").is_file():
         raise SlimtuneError(
@@ -129,8 +116,8 @@ def _load_run(run_dir: Path, overrides: list[str]):
     cfg = config.from_dict(
         config.merge(config.read_yaml(run_dir / "config.yaml"), config.parse_overrides(overrides))
     )
-    base, tok = load_model(cfg.model.name, cfg.model.dtype, device=cfg.model.device)
-    method = registry.get("params", cfg.params.name)(cfg.params)
+    base, tok = load_recipe_model(cfg.model)
+    method = registry.build("params", cfg.params)
     try:
         model = method.load(base, run_dir)
     except SlimtuneError:
@@ -147,15 +134,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .data import load_splits
     from .evaluate import evaluate
     from .loss import find_head
-    from .models import load_model
+    from .models import load_recipe_model
 
     target = Path(args.target)
-    _quiet()
+    quiet_libraries()
     if target.is_dir():
         cfg, model, tok, _ = _load_run(target, args.overrides)
     else:
         cfg = config.load(target, args.overrides)
-        model, tok = load_model(cfg.model.name, cfg.model.dtype, device=cfg.model.device)
+        model, tok = load_recipe_model(cfg.model)
     splits = load_splits(cfg.data, tok)
     examples = splits.eval or splits.train
     metrics = evaluate(
@@ -178,7 +165,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise SlimtuneError(f"merge: output {str(out)!r} exists; choose a new directory")
-    _quiet()
+    quiet_libraries()
     _, model, tok, method = _load_run(Path(args.run_dir), [])
     merged = method.merge(model)
     tmp = atomic_dir(out)
@@ -240,7 +227,7 @@ def cmd_fed(args: argparse.Namespace) -> int:
 
     recipe, overrides = _split_recipe(args.args)
     cfg = config.load(recipe, overrides)
-    _quiet()
+    quiet_libraries()
     try:
         import flwr  # noqa: F401
     except ImportError:
@@ -278,80 +265,48 @@ def cmd_fed(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from dataclasses import replace
-
     from . import config
     from .plan import (
-        candidates,
         format_breakdown,
-        label,
+        format_ranking,
         parse_size,
         rank,
+        recipe_specs,
         shape_for,
         split_method,
+        with_candidates,
+        workload_for,
     )
-    from .plan.planner import GB, Workload, device_kind, method, plan, workload_of
+    from .plan.planner import method, plan
 
     recipe, overrides = _split_recipe(args.args)
     cfg = config.load(recipe, overrides) if recipe or overrides else None
-    work = workload_of(cfg) if cfg is not None else Workload(device=device_kind())
-    given = {
-        "seq": args.seq,
-        "batch": args.batch,
-        "weights": args.weights,
-        "mixed_precision": args.mixed_precision,
-        "device": args.device,
-        "loss_chunk": args.loss_chunk,
-        "attention": args.attention,
-    }
-    work = replace(work, **{k: v for k, v in given.items() if v is not None})
-    if args.checkpointing:
-        work = replace(work, checkpointing=True)
-    if args.runtime is not None:
-        work = replace(work, runtime=parse_size(args.runtime))
+    work = workload_for(
+        cfg,
+        runtime=args.runtime,
+        seq=args.seq,
+        batch=args.batch,
+        weights=args.weights,
+        mixed_precision=args.mixed_precision,
+        device=args.device,
+        loss_chunk=args.loss_chunk,
+        attention=args.attention,
+        checkpointing=args.checkpointing or None,
+    )
     model = args.model or (cfg.model.name if cfg is not None else "smollm2-135m")
     shape = shape_for(model)
     pairs = [split_method(m) for spec in args.method for m in spec.split(",") if m]
-    mine = None  # the recipe's own methods, with its options
-    if cfg is not None and not pairs:
-        mine = (_spec_of(cfg.params), _spec_of(cfg.optimizer))
-        pairs = [mine]
+    mine = recipe_specs(cfg) if cfg is not None and not pairs else None  # with its options
     if args.budget:
         budget = parse_size(args.budget)
         if mine is not None:  # the recipe, then every other candidate on the recipe's workload
-            own = (cfg.params.name, cfg.optimizer.name)
-            pairs = [mine] + [
-                (p, o)
-                for p, o in candidates()
-                if (p if isinstance(p, str) else p["name"], o if isinstance(o, str) else o["name"])
-                != own
-            ]
+            pairs = with_candidates(mine)
         ranked = rank(shape, work, budget, pairs or None, not args.checkpointing, model)
-        print(
-            f"{model}: batch {work.batch} x seq {work.seq}, weights {work.weights}, "
-            f"{work.device}; budget {budget / GB:.2f} GB"
-        )
-        print(f"{'fits':<6}{'params + optimizer':<44}{'peak GB':>9}{'trainable':>16}  notes")
-        for r in ranked:
-            b = r.breakdown
-            mark = "yes" if r.fits else "no"
-            notes = ["checkpointing"] if r.checkpointing and not work.checkpointing else []
-            if mine is not None and r.params is mine[0]:
-                name = f"{cfg.params.name} + {cfg.optimizer.name}"
-                notes.append("your recipe")
-            else:
-                name = label(r.params) + " + " + label(r.optimizer)
-            note = ", ".join(notes)
-            print(f"{mark:<6}{name:<44}{b.peak / GB:>9.2f}{b.trainable_params:>16,}  {note}")
-        n_fit = sum(r.fits for r in ranked)
-        print(f"{n_fit} of {len(ranked)} fit, largest trainable capacity first")
-        return 0 if n_fit else 1
-    if not pairs:
-        pairs = [("full", "adamw")]
+        print(format_ranking(ranked, model, work, budget, mine))
+        return 0 if any(r.fits for r in ranked) else 1
     out = []
-    for i, (p, o) in enumerate(pairs):
-        pm, om = method("params", p), method("optimizer", o)
-        b = plan(shape, pm, om, work, model)
+    for i, (p, o) in enumerate(pairs or [mine or ("full", "adamw")]):
+        b = plan(shape, method("params", p), method("optimizer", o), work, model)
         out.append(b)
         if not args.json:
             print(("\n" if i else "") + format_breakdown(b))
@@ -381,19 +336,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     entries = bench.parse_methods([m for spec in args.methods for m in spec.split(",") if m])
     if not entries:
         raise SlimtuneError("bench: --methods: name at least one method (e.g. full,lora,mezo)")
-    _quiet()
+    quiet_libraries()
     report = bench.run(data, entries, Path(args.out), keep_runs=args.keep_runs)
     print()
     print((Path(args.out) / "report.md").read_text().split("\n\n![")[0])
     print(f"\nreport: {Path(args.out) / 'report.md'} (plots: loss.png, memory.png, speed.png)")
     return 0 if report["methods"] else 1
-
-
-def _spec_of(method_cfg: Any) -> dict[str, Any]:
-    """A recipe section's method config -> a ``{name: ..., field: ...}`` spec."""
-    from dataclasses import asdict
-
-    return {"name": method_cfg.name, **asdict(method_cfg)}
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
@@ -407,7 +355,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
             cls = registry.get(axis, name)
             print(f"  {name:<10} {summary_of(cls)}")
             docs = field_docs(cls.Config)
-            for f in dataclasses.fields(cls.Config):
+            for f in registry.options(cls.Config):
                 default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
                 print(f"      {f.name} = {default!r}: {docs.get(f.name, '')}")
     return 0

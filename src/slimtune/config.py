@@ -216,8 +216,11 @@ class RunConfig:
 
 @cache
 def field_docs(cls: type) -> dict[str, str]:
-    """The docstring under each field of a dataclass (PEP 257 attribute docstrings)."""
-    docs: dict[str, str] = {}
+    """The docstring under each field of a dataclass (PEP 257 attribute docstrings), or, for a
+    field made in code (the registry's ``name``), its ``metadata["doc"]``."""
+    docs: dict[str, str] = {
+        f.name: f.metadata["doc"] for f in dataclasses.fields(cls) if "doc" in f.metadata
+    }
     for klass in reversed(cls.__mro__):
         if not dataclasses.is_dataclass(klass):
             continue
@@ -357,11 +360,8 @@ def _method(axis: str, spec: Any, default: str) -> Any:
     if not isinstance(spec, dict) or "name" not in spec:
         raise SlimtuneError(f"config: {axis}: expected a method name or a mapping with 'name'")
     spec = dict(spec)
-    name = spec.pop("name")
-    cls = registry.get(axis, str(name))
-    cfg = build(cls.Config, spec, axis)
-    cfg.name = name
-    return cfg
+    cls = registry.get(axis, str(spec.pop("name")))
+    return build(cls.Config, spec, axis)  # its ``name`` field is the registered name
 
 
 SEED_MAX = 2**32 - 1  # numpy's seeding (accelerate's set_seed seeds numpy too) takes 0..2**32-1

@@ -15,6 +15,7 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import (
@@ -28,6 +29,9 @@ from transformers import (
 )
 
 from .errors import SlimtuneError
+
+if TYPE_CHECKING:
+    from .config import ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -262,3 +266,18 @@ def load_model(
     if device is not None:
         model = model.to(pick_device(device))
     return model, tok
+
+
+def load_recipe_model(
+    model: ModelConfig, place: bool = True
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a recipe's ``model`` section: every field of it (name, dtype, trust_remote_code,
+    attn_implementation) applies. ``place=False`` leaves the model on the CPU for accelerate to
+    place; otherwise it goes to ``model.device``."""
+    return load_model(
+        model.name,
+        model.dtype,
+        device=model.device if place else None,
+        trust_remote_code=model.trust_remote_code,
+        attn_implementation=model.attn_implementation,
+    )

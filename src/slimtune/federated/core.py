@@ -34,7 +34,7 @@ from ..loop import LocalRound, train
 from ..loss import find_head
 from ..methods.base import PrepareContext
 from ..methods.optim.zo import rules as zo_rules
-from ..models import load_model
+from ..models import load_recipe_model
 from . import aggregate as agg
 from . import partition, seeds
 
@@ -132,13 +132,7 @@ class Base:
     _cache: dict[str, Base] = {}
 
     def __init__(self, cfg: RunConfig):
-        self.model, self.tok = load_model(
-            cfg.model.name,
-            cfg.model.dtype,
-            device=None,
-            trust_remote_code=cfg.model.trust_remote_code,
-            attn_implementation=cfg.model.attn_implementation,
-        )
+        self.model, self.tok = load_recipe_model(cfg.model, place=False)
         self.initial: dict[tuple, dict[str, torch.Tensor]] = {}
         self.data: dict[str, Any] = {}
 
@@ -172,7 +166,7 @@ class Base:
     def prepared(self, cfg: RunConfig, work: Path) -> tuple[nn.Module, Any]:
         """A fresh copy of the base with the params method applied, initialised from the
         training seed alone (so server and clients agree on the initial state)."""
-        method = registry.get("params", cfg.params.name)(cfg.params)
+        method = registry.build("params", cfg.params)
         set_seed(cfg.train.seed)
         ctx = PrepareContext(
             self.tok, work, cfg.train.seed, self.calibration(cfg), extras={"total_steps": 1}
@@ -320,11 +314,9 @@ def client_round(
     if budget is not None:
         r, batch, est = choose_rank_batch(base.model, cfg, budget, f"client {pid}")
         params = dataclasses.replace(cfg.params, r=r)
-        params.name = cfg.params.name
     optimizer = cfg.optimizer
     if f.strategy != "fedkseed" and hasattr(optimizer, "seed"):  # fresh noise every round
         optimizer = dataclasses.replace(optimizer, seed=optimizer.seed + 7919 * rnd + 104729 * pid)
-        optimizer.name = cfg.optimizer.name
     work = Path(tempfile.mkdtemp(prefix=f"slimtune-client{pid}-"))
     local_cfg = dataclasses.replace(
         cfg,
@@ -505,9 +497,7 @@ class Server:
         self.optimizer = None
         if self.f.strategy == "fedkseed":
             groups = self.method.param_groups(self.model, 0.0)
-            self.optimizer = registry.get("optimizer", cfg.optimizer.name)(cfg.optimizer).build(
-                groups, self.model
-            )
+            self.optimizer = registry.build("optimizer", cfg.optimizer).build(groups, self.model)
 
     # --- downlink --------------------------------------------------------------------------
     def payload(self, rnd: int, node: int | None = None) -> tuple[Arrays, dict[str, Any]]:
@@ -650,7 +640,6 @@ class Server:
                 pairs = agg.lora_pairs(list(state))
                 if pairs and self.rank != getattr(self.method.cfg, "r", self.rank):
                     params = dataclasses.replace(self.cfg.params, r=self.rank)
-                    params.name = self.cfg.params.name
                     self._build(dataclasses.replace(self.cfg, params=params))
                 alpha, rs = self.info
                 scale = agg.lora_scale(alpha, self.rank, rs)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from ..errors import SlimtuneError
-from .planner import GB, Breakdown, Workload, method, plan
+from .planner import GB, Breakdown, Workload, device_kind, method, plan, workload_of
 from .shapes import ModelShape, bundled, load_shape, read_config
 
 __all__ = [
@@ -24,11 +24,15 @@ __all__ = [
     "candidates",
     "estimate",
     "format_breakdown",
+    "format_ranking",
     "load_shape",
     "parse_size",
     "rank",
     "read_config",
+    "recipe_specs",
     "shape_for",
+    "with_candidates",
+    "workload_for",
 ]
 
 # slimtune's bundled runnable models -> their architecture configs
@@ -94,6 +98,35 @@ def candidates() -> list[tuple[str, str]]:
     out += [("full", o) for o in registry.names("optimizer") if o != "adamw"]
     galore = {"name": "galore", "layerwise": True, "state_bits": 8}
     return [*out, ("full", galore), ("lora", "mezo")]
+
+
+def workload_for(cfg: Any = None, runtime: str | None = None, **given: Any) -> Workload:
+    """What ``slimtune plan`` prices: the recipe's workload (:func:`workload_of`; without a recipe
+    the defaults on this machine's device), with the fields ``given`` (those not None) instead
+    and ``runtime`` ('0.5GB') as the framework overhead."""
+    work = workload_of(cfg) if cfg is not None else Workload(device=device_kind())
+    work = replace(work, **{k: v for k, v in given.items() if v is not None})
+    if runtime is not None:
+        work = replace(work, runtime=parse_size(runtime))
+    return work
+
+
+def recipe_specs(cfg: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A recipe's params and optimizer sections as ``{name: ..., field: ...}`` specs."""
+    from dataclasses import asdict
+
+    p, o = cfg.params, cfg.optimizer
+    return {"name": p.name, **asdict(p)}, {"name": o.name, **asdict(o)}
+
+
+def with_candidates(mine: tuple[Any, Any]) -> list[tuple[Any, Any]]:
+    """``mine`` (a recipe's pair of specs), then every other of :func:`candidates`."""
+
+    def names(p: Any, o: Any) -> tuple[str, str]:
+        return (p if isinstance(p, str) else p["name"], o if isinstance(o, str) else o["name"])
+
+    own = names(*mine)
+    return [mine] + [(p, o) for p, o in candidates() if names(p, o) != own]
 
 
 def label(spec: Any) -> str:
@@ -174,4 +207,30 @@ def format_breakdown(b: Breakdown) -> str:
         f"predicted peak: {_gb(b.peak)} GB",
     ]
     lines += [f"note: {n}" for n in b.notes]
+    return "\n".join(lines)
+
+
+def format_ranking(
+    ranked: list[Ranked], model: str, work: Workload, budget: float, mine: Any = None
+) -> str:
+    """``slimtune plan --budget``'s table: one row per ranked pair (``mine``, the recipe's own
+    pair, named as the recipe names it), then how many fit."""
+    lines = [
+        f"{model}: batch {work.batch} x seq {work.seq}, weights {work.weights}, "
+        f"{work.device}; budget {budget / GB:.2f} GB",
+        f"{'fits':<6}{'params + optimizer':<44}{'peak GB':>9}{'trainable':>16}  notes",
+    ]
+    for r in ranked:
+        b = r.breakdown
+        mark = "yes" if r.fits else "no"
+        notes = ["checkpointing"] if r.checkpointing and not work.checkpointing else []
+        if mine is not None and r.params is mine[0]:
+            name = f"{mine[0]['name']} + {mine[1]['name']}"
+            notes.append("your recipe")
+        else:
+            name = label(r.params) + " + " + label(r.optimizer)
+        note = ", ".join(notes)
+        lines.append(f"{mark:<6}{name:<44}{b.peak / GB:>9.2f}{b.trainable_params:>16,}  {note}")
+    n_fit = sum(r.fits for r in ranked)
+    lines.append(f"{n_fit} of {len(ranked)} fit, largest trainable capacity first")
     return "\n".join(lines)

@@ -531,8 +531,7 @@ def method(axis: str, spec: Any) -> Any:
     """A method instance from a name or a ``{name: ..., field: ...}`` mapping (validated)."""
     from .. import config, registry
 
-    cfg = config._method(axis, spec, "full" if axis == "params" else "adamw")
-    return registry.get(axis, cfg.name)(cfg)
+    return registry.build(axis, config._method(axis, spec, "full" if axis == "params" else "adamw"))
 
 
 def device_kind(device: str = "auto") -> Literal["cpu", "cuda"]:

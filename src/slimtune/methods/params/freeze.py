@@ -11,17 +11,7 @@ from torch import nn
 from ...errors import SlimtuneError
 from ...registry import register
 from ..base import ParamsMethod, PrepareContext
-
-
-def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The ModuleList of transformer blocks (its qualified name and the list itself)."""
-    n_layers = model.config.num_hidden_layers
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) == n_layers:
-            return name, module
-    raise SlimtuneError(
-        f"params: cannot find the {n_layers} decoder blocks of {type(model).__name__}"
-    )
+from ..shared import decoder_layers
 
 
 @register("params", "freeze")

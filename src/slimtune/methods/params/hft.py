@@ -19,28 +19,7 @@ from torch import nn
 
 from ...registry import register
 from ..base import ParamsMethod, PrepareContext
-from .freeze import decoder_layers
-
-
-def drop_optimizer_state(optimizer: Any, params: list[nn.Parameter]) -> None:
-    """Forget the optimizer state of tensors that stop training (moments would go stale)."""
-    for p in params:
-        optimizer.state.pop(p, None)
-
-
-def groups_including(
-    method: ParamsMethod, model: nn.Module, candidates: list[nn.Parameter], weight_decay: float
-) -> list[dict[str, Any]]:
-    """The base param groups as if every candidate trained now (a selection method freezes and
-    unfreezes them during the run; the optimizer must hold them all), flags left as they were."""
-    was = [p.requires_grad for p in candidates]
-    for p in candidates:
-        p.requires_grad_(True)
-    try:
-        return ParamsMethod.param_groups(method, model, weight_decay)
-    finally:
-        for p, flag in zip(candidates, was):
-            p.requires_grad_(flag)
+from ..shared import decoder_layers, drop_optimizer_state, groups_including, seeded_generator
 
 
 @register("params", "hft")
@@ -86,7 +65,7 @@ class HalfFineTuning(ParamsMethod):
 
     def selection(self, stage: int) -> list[tuple[list[int], list[int]]]:
         """Per block: (indices of trained attention matrices, indices of trained FFN matrices)."""
-        g = torch.Generator().manual_seed(self._seed * 1_000_003 + 7919 + stage)
+        g = seeded_generator(self._seed, 7919 + stage)
         n = len(self._attn)
         one = set(torch.randperm(n, generator=g)[: n // 2].tolist())  # blocks training 1 FFN matrix
         out = []

@@ -23,8 +23,7 @@ from torch import nn
 from ...errors import SlimtuneError
 from ...registry import register
 from ..base import ParamsMethod, PrepareContext
-from .freeze import decoder_layers
-from .hft import drop_optimizer_state, groups_including
+from ..shared import decoder_layers, drop_optimizer_state, groups_including, seeded_generator
 
 
 @register("params", "lisa")
@@ -88,7 +87,7 @@ class Lisa(ParamsMethod):
 
     def sample(self, interval: int) -> list[int]:
         """The blocks of an interval: a draw that depends only on (seed, interval)."""
-        g = torch.Generator().manual_seed(self._seed * 1_000_003 + interval)
+        g = seeded_generator(self._seed, interval)
         return sorted(torch.randperm(len(self._blocks), generator=g)[: self.cfg.layers].tolist())
 
     def _select(self, model: nn.Module, step: int, optimizer: Any) -> None:

@@ -26,6 +26,7 @@ from transformers import PreTrainedTokenizerBase
 
 from ...registry import register
 from ..base import PrepareContext
+from ..shared import decoder_layers, seeded_generator
 from .lisa import Lisa
 
 
@@ -70,7 +71,6 @@ class OwLore(Lisa):
                 )
 
     def prepare(self, model: nn.Module, ctx: PrepareContext) -> nn.Module:
-        from .freeze import decoder_layers
 
         _, blocks = decoder_layers(model)
         norms = self._input_norms(model, blocks, ctx)
@@ -114,7 +114,7 @@ class OwLore(Lisa):
         return {m: s.sqrt() for m, s in sums.items()}
 
     def sample(self, interval: int) -> list[int]:
-        g = torch.Generator().manual_seed(self._seed * 1_000_003 + interval)
+        g = seeded_generator(self._seed, interval)
         p = torch.tensor(self.probabilities, dtype=torch.float64)
         k = min(self.cfg.layers, int((p > 0).sum()))
         drawn = torch.multinomial(p, k, replacement=False, generator=g).tolist()

@@ -25,7 +25,7 @@ from transformers import PreTrainedTokenizerBase
 
 from ...registry import register
 from ..base import ParamsMethod, PrepareContext
-from .freeze import decoder_layers
+from ..shared import decoder_layers, seeded_generator
 
 
 class _SliceDelta(torch.autograd.Function):
@@ -121,7 +121,7 @@ class S2FT(ParamsMethod):
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
         group = n_heads // n_kv
         _, blocks = decoder_layers(model)
-        g = torch.Generator().manual_seed(ctx.seed * 1_000_003 + 4099)
+        g = seeded_generator(ctx.seed, 4099)
         model.requires_grad_(False)
         self.orders: list[dict[str, torch.Tensor]] = []
         for block in blocks:

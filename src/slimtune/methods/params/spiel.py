@@ -27,7 +27,7 @@ from transformers import PreTrainedTokenizerBase
 
 from ...registry import register
 from ..base import ParamsMethod, PrepareContext
-from .freeze import decoder_layers
+from ..shared import decoder_layers
 
 DELTA_FILE = "spiel_delta.safetensors"
 CONFIG_FILE = "spiel_config.json"
