@@ -26,7 +26,7 @@ from .data import Batches, Splits, load_splits, total_steps
 from .errors import SlimtuneError
 from .loss import Head, find_head
 from .memory import trim_after_blocks
-from .methods.base import OptimizerMethod, ParamsMethod, PrepareContext
+from .methods.base import Objective, OptimizerMethod, ParamsMethod, PrepareContext
 from .models import load_recipe_model, pick_device
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,7 @@ class LocalRound:
 class Parts:
     method: ParamsMethod
     optim_method: OptimizerMethod
+    objective: Objective
     tok: Any
     splits: Splits
     batches: Batches  # the training order; a checkpoint stores its position
@@ -125,6 +126,7 @@ def assemble(
     return Parts(
         method=method,
         optim_method=optim_method,
+        objective=registry.build("objective", cfg.objective),
         tok=tok,
         splits=splits,
         batches=batches,
@@ -147,6 +149,11 @@ def _methods(cfg: RunConfig, world: int) -> tuple[ParamsMethod, OptimizerMethod]
     method = registry.build("params", cfg.params)
     optim_method = registry.build("optimizer", cfg.optimizer)
     optim_method.check(cfg.train, world)
+    if not optim_method.supports_objective(cfg.objective.name):
+        raise SlimtuneError(
+            f"optimizer: {cfg.optimizer.name} cannot minimise objective {cfg.objective.name!r}; "
+            "choose a first-order optimizer (e.g. adamw) or objective causal-lm"
+        )
     if cfg.train.gradient_checkpointing and not method.supports_checkpointing:
         raise SlimtuneError(
             f"params: {cfg.params.name} cannot be combined with "

@@ -182,6 +182,8 @@ class RunConfig:
     """Which parameters train, and in what form: {name: lora, r: 8, ...} or just a method name."""
     optimizer: Any = None
     """How an update is computed: {name: adamw, lr: 1e-4, ...} or just a name."""
+    objective: Any = None
+    """The loss the optimizer minimises: {name: causal-lm} (the default) or just a name."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """The loop's settings."""
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -449,9 +451,11 @@ def from_dict(data: dict[str, Any]) -> RunConfig:
     data = dict(data or {})
     params = data.pop("params", None)
     optimizer = data.pop("optimizer", None)
+    objective = data.pop("objective", None)
     cfg = build(RunConfig, data, "")
     cfg.params = _method("params", params, "full")
     cfg.optimizer = _method("optimizer", optimizer, "adamw")
+    cfg.objective = _method("objective", objective, "causal-lm")
     _check_ranges(cfg)
     return cfg
 

@@ -29,7 +29,6 @@ from .config import RunConfig
 from .data import Splits
 from .errors import TrainingDiverged
 from .evaluate import evaluate
-from .loss import causal_lm_loss
 from .memory import fmt_bytes, optimizer_state_bytes, peak_bytes, trim_heap
 from .methods.base import ParamsMethod, StepContext
 
@@ -179,7 +178,7 @@ class Run:
         micro = [self.p.batches.next(self.p.tok.pad_token_id) for _ in range(tc.grad_accum)]
         # Normalise by the target tokens of the whole step on all processes, so that the update
         # does not depend on how the step is split into micro-batches or processes.
-        n_targets = self.count(micro, lambda b: (b["labels"][:, 1:] != -100).sum())
+        n_targets = self.count(micro, self.p.objective.targets)
         tokens = self.count(micro, lambda b: b["attention_mask"].sum())
         head, chunk = self.p.head, tc.loss_chunk_tokens
         result = self.p.optim_method.step(
@@ -190,7 +189,7 @@ class Run:
                 raw=self.p.raw_optimizer,
                 micro=micro,
                 n_targets=n_targets,
-                loss_sum=lambda m, b: causal_lm_loss(m, head, b, chunk)[0],
+                loss_sum=lambda m, b: self.p.objective.loss_sum(m, head, b, chunk),
                 max_grad_norm=tc.max_grad_norm,
                 loss_chunk_tokens=chunk,
                 guard=self.guard,

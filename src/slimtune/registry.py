@@ -18,7 +18,7 @@ from typing import Any
 
 from .errors import SlimtuneError
 
-AXES = ("params", "optimizer")
+AXES = ("params", "optimizer", "objective")
 _REGISTRY: dict[str, dict[str, type]] = {axis: {} for axis in AXES}
 _loaded = False
 

@@ -171,6 +171,11 @@ class OptimizerMethod(ABC):
         fp16 loss scaling or several processes. ``train`` is the recipe's train section."""
         return None
 
+    def supports_objective(self, name: str) -> bool:
+        """Whether this optimizer's step minimises objective ``name`` (the default step uses
+        ``ctx.loss_sum``, which is the objective's, so any)."""
+        return True
+
     def step(self, ctx: StepContext) -> StepResult:
         """One optimizer step over ``ctx.micro``; the loop has one step path and calls only
         this. Contract: compute the step's loss (and gradient norm if there is one), call
@@ -185,6 +190,33 @@ class OptimizerMethod(ABC):
         ctx.guard(loss, grad_norm)
         ctx.optimizer.step()
         return StepResult(loss, grad_norm)
+
+
+class Objective:
+    """Base class of the objective axis: the loss an optimizer minimises. The loop divides the
+    summed loss of a step by the step's normaliser over all processes, so an objective gives
+    both: ``loss_sum`` of a batch and ``targets(batch)``, what one unit of that sum is (target
+    tokens for token-level losses; pairs for a preference loss)."""
+
+    name: ClassVar[str]
+
+    @dataclass
+    class Config:
+        pass
+
+    def __init__(self, cfg: Any):
+        self.cfg = cfg
+
+    def targets(self, batch: dict[str, torch.Tensor]) -> int:
+        """Target tokens of ``batch``: the labels that are not masked, shifted by one."""
+        return int((batch["labels"][:, 1:] != -100).sum())
+
+    def loss_sum(
+        self, model: nn.Module, head: Any, batch: dict[str, torch.Tensor], chunk: int
+    ) -> torch.Tensor:
+        """The loss of ``batch`` summed over its ``targets`` (a scalar tensor with a graph when
+        gradients are on); ``head`` and ``chunk`` are loss.py's chunked output head."""
+        raise NotImplementedError(f"objective {self.name!r} has no loss")
 
 
 @dataclass

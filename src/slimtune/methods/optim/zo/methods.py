@@ -101,6 +101,11 @@ class ZerothOrder(OptimizerMethod):
                 "train.mixed_precision=bf16 or no"
             )
 
+    def supports_objective(self, name: str) -> bool:
+        # The perturbed forwards compute next-token cross-entropy themselves (forward.py), on
+        # stacked copies of the batch; another objective would need its own stacked loss.
+        return name == "causal-lm"
+
     def step(self, ctx: StepContext) -> StepResult:
         """Forward passes only (no graph): the optimizer perturbs, estimates and updates in one
         call. ``losses(forward)`` runs each micro-batch through ``forward(batch)`` (a tensor of

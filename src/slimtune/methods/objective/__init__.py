@@ -1,0 +1,1 @@
+"""The objective axis: which loss the optimizer minimises (methods/base.py: ``Objective``)."""
