@@ -18,6 +18,7 @@ from slimtune import config, registry
 from slimtune.errors import SlimtuneError
 from slimtune.federated import aggregate as agg
 from slimtune.federated import core, partition, seeds
+from slimtune.federated.strategies import fedkseed, ferret
 from slimtune.loop import train
 
 from .conftest import tiny_recipe, write_jsonl
@@ -424,13 +425,13 @@ def test_fedkseed_uploads_seed_scalar_pairs_and_syncs_only_changes(cls_data, tmp
     server.aggregate(0, [(7, up, m)])
     arrays, conf = server.payload(1, 7)
     assert arrays["sync"].nbytes == 8 * len(idx) and conf["base"] == 0
-    dense = core.resolve_scalars(arrays, conf, memory)
+    dense = fedkseed.resolve_scalars(arrays, conf, memory)
     assert np.array_equal(dense, server.scalars.astype(np.float32))
     # A node the server has no record of gets the changes since the all-zero start.
     arrays, conf = server.payload(1, 99)
-    assert np.array_equal(core.resolve_scalars(arrays, conf, {}), dense)
+    assert np.array_equal(fedkseed.resolve_scalars(arrays, conf, {}), dense)
     with pytest.raises(SlimtuneError, match="holds round"):
-        core.resolve_scalars(*server.payload(1, 7), {"version": 5, "scalars": dense})
+        fedkseed.resolve_scalars(*server.payload(1, 7), {"version": 5, "scalars": dense})
 
 
 def test_fedkseed_rejects_bad_optimizers(cls_data, tmp_path):
@@ -491,14 +492,14 @@ def test_ferret_round_trains_and_clients_rebuild_the_server_weights(cls_data, tm
     # A client that answered round 1 keeps table 0 and is sent only table 1.
     tables, conf = server.payload(2, 0)
     assert set(tables) == {"r1.counts", "r1.coords"} and conf["base"] == 1
-    full = core.resolve_history(tables, conf, memories[0])
+    full = ferret.resolve_history(tables, conf, memories[0])
     assert set(full) == set(history) and all(np.array_equal(full[k], history[k]) for k in full)
     with pytest.raises(SlimtuneError, match="holds round"):
-        core.resolve_history(tables, conf, {"version": 0})
+        ferret.resolve_history(tables, conf, {"version": 0})
     base = core.Base.get(cfg)
     model, method = base.prepared(cfg, tmp_path / "w")
     method.load_trainable_state(model, base.initial_state(cfg))
-    core.rebuild_ferret(list(method.trainable_state(model).values()), history, cfg.federated)
+    ferret.rebuild_ferret(list(method.trainable_state(model).values()), history, cfg.federated)
     mine, theirs = method.trainable_state(model), server.trainable()
     assert all(torch.equal(mine[n], theirs[n]) for n in mine)
 

@@ -128,8 +128,8 @@ class EvalConfig:
 
 @dataclass
 class FederatedConfig:
-    strategy: Literal["fedavg", "fedkseed", "ferret"] = "fedavg"
-    """fedavg: weighted average of the trainable state; fedkseed: MeZO steps on K shared seeds, only {seed: scalar} travels; ferret: first-order steps, update sent as coordinates on shared random directions."""
+    strategy: str = "fedavg"
+    """A registered strategy (slimtune.federated.strategies): fedavg: weighted average of the trainable state; fedkseed: MeZO steps on K shared seeds, only {seed: scalar} travels; ferret: first-order steps, update sent as coordinates on shared random directions."""
     rounds: int = 3
     """Federated rounds; each client runs train.steps local steps per round."""
     clients: int = 2
@@ -416,6 +416,11 @@ def _check_ranges(cfg: RunConfig) -> None:
     for name, value in [("train.seed", t.seed), ("data.seed", d.seed), ("federated.seed", f.seed)]:
         if value > SEED_MAX:
             raise SlimtuneError(f"config: {name}: must be <= {SEED_MAX}, got {value}")
+    if f.strategy not in (strategies := registry.names("strategy")):
+        choices = ", ".join(repr(s) for s in strategies)
+        raise SlimtuneError(
+            f"config: federated.strategy: expected one of {choices}, got {f.strategy!r}"
+        )
     if t.epochs <= 0:
         raise SlimtuneError(f"config: train.epochs: must be > 0, got {t.epochs}")
     if t.report_to:

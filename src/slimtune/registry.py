@@ -19,7 +19,10 @@ from typing import Any
 from .errors import SlimtuneError
 
 AXES = ("params", "optimizer", "objective")
-_REGISTRY: dict[str, dict[str, type]] = {axis: {} for axis in AXES}
+# Axes that are no recipe method section (no ``Config`` of their own; a plain recipe field names
+# one): ``federated.strategy`` picks a class of ``slimtune.federated.strategies``.
+OTHER_AXES = ("strategy",)
+_REGISTRY: dict[str, dict[str, type]] = {axis: {} for axis in AXES + OTHER_AXES}
 _loaded = False
 
 NAME_DOC = "The registered method name (the recipe's `name:`); set by the registry."
@@ -52,7 +55,8 @@ def register(axis: str, name: str):
         if name in _REGISTRY[axis]:
             raise ValueError(f"{axis} method {name!r} registered twice")
         cls.name = name
-        cls.Config = _named(cls.Config, name)
+        if axis in AXES:
+            cls.Config = _named(cls.Config, name)
         _REGISTRY[axis][name] = cls
         return cls
 
@@ -60,14 +64,17 @@ def register(axis: str, name: str):
 
 
 def load_all() -> None:
-    """Import every module below ``slimtune.methods`` so that each registers itself."""
+    """Import every module below ``slimtune.methods`` and ``slimtune.federated.strategies`` so
+    that each registers itself."""
     global _loaded
     if _loaded:
         return
     from . import methods
+    from .federated import strategies
 
-    for info in pkgutil.walk_packages(methods.__path__, methods.__name__ + "."):
-        importlib.import_module(info.name)
+    for package in (methods, strategies):
+        for info in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
+            importlib.import_module(info.name)
     _loaded = True
 
 

@@ -23,7 +23,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from tqdm.auto import tqdm
 
-from .. import checkpoint, config, rundir
+from .. import checkpoint, config, registry, rundir
 from ..config import RunConfig
 from ..errors import SlimtuneError
 from . import core
@@ -80,10 +80,17 @@ def _store_memory(context: Context, memory: dict[str, Any]) -> None:
 def make_client_app(recipe: dict | None = None) -> ClientApp:
     """The ClientApp; ``recipe`` None reads it from the run config (deployment)."""
     app = ClientApp()
+    # Bound here so that a strategy registered outside slimtune (a plug-in, a test) reaches the
+    # simulation's worker processes: unpickling this app imports the strategy's module, which
+    # registers it there before the recipe is read.
+    strategy = None
+    if recipe is not None:
+        strategy = registry.get("strategy", config.from_dict(recipe).federated.strategy)
 
     @app.train()
     def fit(msg: Message, context: Context) -> Message:
         cfg = _recipe(context, recipe)
+        assert strategy is None or cfg.federated.strategy == strategy.name
         node = context.node_config
         pid = int(node.get("partition-id", 0))
         data_path = node.get("data-path") or None

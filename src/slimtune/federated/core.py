@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from accelerate.utils import set_seed
 from torch import nn
@@ -33,19 +32,18 @@ from ..evaluate import evaluate
 from ..loop import LocalRound, train
 from ..loss import find_head
 from ..methods.base import PrepareContext
-from ..methods.optim.zo import rules as zo_rules
 from ..models import load_recipe_model
-from . import aggregate as agg
-from . import partition, seeds
+from . import partition
+from .strategies import Arrays, Local, Strategy
+from .strategies.fedavg import lora_info
 
 log = logging.getLogger(__name__)
-
-Arrays = dict[str, np.ndarray]
 
 
 def validate(cfg: RunConfig) -> None:
     """Checks of the federated section (and its fit with the rest of the recipe)."""
     f = cfg.federated
+    strategy = _strategy(f.strategy)
     for name, value, low in [
         ("rounds", f.rounds, 1),
         ("clients", f.clients, 1),
@@ -84,42 +82,28 @@ def validate(cfg: RunConfig) -> None:
                 "config: federated.memory_budgets_mb: heterogeneous clients choose a LoRA rank; "
                 f"params {cfg.params.name!r} has none"
             )
-        if f.strategy != "fedavg":
+        if not strategy.heterogeneous_ranks:
             raise SlimtuneError(
-                "config: federated.memory_budgets_mb: heterogeneous ranks need strategy fedavg"
+                "config: federated.memory_budgets_mb: heterogeneous ranks need strategy "
+                + " or ".join(
+                    n for n in registry.names("strategy") if _strategy(n).heterogeneous_ranks
+                )
             )
-    opt_cls = registry.get("optimizer", cfg.optimizer.name)
-    zeroth = getattr(opt_cls, "rule", None) is not None
-    if f.strategy == "fedkseed":
-        if not zeroth or opt_cls.rule is not zo_rules.SGD or hasattr(cfg.optimizer, "sparsity"):
-            raise SlimtuneError(
-                "config: optimizer: federated.strategy fedkseed runs MeZO steps; set optimizer "
-                f"to mezo (got {cfg.optimizer.name!r})"
-            )
-        o = cfg.optimizer
-        if o.samples != 1 or o.blockwise or o.mask_ratio or o.estimator != "two-point":
-            raise SlimtuneError(
-                "config: optimizer: fedkseed needs one two-point perturbation per step "
-                "(samples 1, blockwise false, mask_ratio 0, estimator two-point)"
-            )
-        if o.weight_decay:
-            raise SlimtuneError(
-                "config: optimizer.weight_decay: fedkseed rebuilds the weights from seeds and "
-                "scalars only; set it to 0"
-            )
-        if f.seeds >= 1 << 20:
-            raise SlimtuneError("config: federated.seeds: at most 1048575 candidate seeds")
-    if f.strategy == "ferret" and zeroth:
-        raise SlimtuneError(
-            "config: optimizer: ferret projects first-order updates; choose a first-order "
-            f"optimizer (got {cfg.optimizer.name!r})"
-        )
+    strategy.validate(cfg)
     if f.compress != "none" and f.memory_budgets_mb:
         raise SlimtuneError(
             "config: federated.compress: ComPEFT with heterogeneous ranks is not supported"
         )
-    if f.compress != "none" and f.strategy != "fedavg":
-        raise SlimtuneError("config: federated.compress: applies to strategy fedavg only")
+    if f.compress != "none" and not strategy.compression:
+        raise SlimtuneError(
+            "config: federated.compress: applies to strategy "
+            + " or ".join(n for n in registry.names("strategy") if _strategy(n).compression)
+            + " only"
+        )
+
+
+def _strategy(name: str) -> type[Strategy]:
+    return registry.get("strategy", name)
 
 
 # --- what every party builds the same way ------------------------------------------------------
@@ -203,39 +187,20 @@ def load_shard(cfg: RunConfig, base: Base, pid: int, data_path: str | None = Non
     return shard
 
 
-def lora_info(cfg: RunConfig) -> tuple[float, bool] | None:
-    """(alpha, rslora) when the params method is LoRA-like (has a rank), else None."""
-    p = cfg.params
-    if hasattr(p, "r") and hasattr(p, "alpha"):
-        return float(p.alpha), bool(getattr(p, "rslora", False))
-    return None
-
-
 # --- heterogeneous clients ---------------------------------------------------------------------
 
 
 def estimate_lora_mb(model: nn.Module, cfg: RunConfig, r: int, batch: int) -> float:
-    """A coarse training-memory estimate (MB) of LoRA rank ``r`` at ``batch``: the weights,
-    adapter weights + gradients + two AdamW moments, and the activations autograd keeps for
-    the blocks (about 16 hidden-size fp32 vectors and 2 MLP-size vectors per token and layer)."""
-    c = model.config
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    targets = list(getattr(cfg.params, "target_modules", []) or ["q_proj", "v_proj"])
-    adapter = 0
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.Linear) and any(
-            t == "all-linear" or name.endswith(t) for t in targets
-        ):
-            if name.endswith("lm_head"):
-                continue
-            adapter += r * (mod.in_features + mod.out_features)
-    hidden = getattr(c, "hidden_size", 0)
-    inter = getattr(c, "intermediate_size", 4 * hidden)
-    layers = getattr(c, "num_hidden_layers", 1)
-    tokens = batch * cfg.data.max_seq_len
-    acts = tokens * layers * (16 * hidden + 2 * inter) * 4
-    logits = min(cfg.train.loss_chunk_tokens, tokens) * getattr(c, "vocab_size", 0) * 4 * 2
-    return (weights + adapter * 16 + acts + logits) / 2**20
+    """The planner's peak training memory (MB) of the recipe at LoRA rank ``r`` and ``batch``
+    (``slimtune plan``'s estimate, on the shape of the loaded model)."""
+    from ..plan.planner import plan, workload_of
+    from ..plan.shapes import ModelShape
+
+    shape = ModelShape.from_config(model.config.to_dict(), f"model {cfg.model.name!r}")
+    params = registry.build("params", dataclasses.replace(cfg.params, r=r))
+    optimizer = registry.build("optimizer", cfg.optimizer)
+    work = workload_of(cfg, batch=batch)
+    return plan(shape, params, optimizer, work, cfg.model.name).peak / 2**20
 
 
 def choose_rank_batch(
@@ -259,23 +224,6 @@ def choose_rank_batch(
 # --- the client --------------------------------------------------------------------------------
 
 
-def _np(t: torch.Tensor) -> np.ndarray:
-    t = t.detach().cpu()
-    if t.dtype == torch.bfloat16:
-        t = t.float()
-    return t.contiguous().numpy()
-
-
-def _np_nbytes(t: torch.Tensor) -> int:
-    """``_np(t).nbytes`` without the copy."""
-    return t.numel() * (4 if t.dtype == torch.bfloat16 else t.element_size())
-
-
-def _torch(a: np.ndarray, like: torch.Tensor | None = None) -> torch.Tensor:
-    t = torch.from_numpy(np.array(a, copy=True))
-    return t.to(like.dtype) if like is not None else t
-
-
 def client_round(
     cfg: RunConfig,
     pid: int,
@@ -293,15 +241,8 @@ def client_round(
     rounds, so the server sends only what changed."""
     f = cfg.federated
     rnd = int(conf["round"])
-    if f.strategy == "fedkseed":
-        arrays = {"scalars": resolve_scalars(arrays, conf, memory)}
-        if memory is not None:
-            memory["scalars"], memory["version"] = arrays["scalars"], rnd
-    elif f.strategy == "ferret":
-        arrays = resolve_history(arrays, conf, memory)
-        if memory is not None:
-            memory.clear()
-            memory.update(arrays, version=rnd)
+    strategy = _strategy(f.strategy)(cfg)
+    arrays = strategy.receive(arrays, conf, memory)
     base = Base.get(cfg)
     shard = load_shard(cfg, base, pid, data_path)
     tc = cfg.train
@@ -314,9 +255,7 @@ def client_round(
     if budget is not None:
         r, batch, est = choose_rank_batch(base.model, cfg, budget, f"client {pid}")
         params = dataclasses.replace(cfg.params, r=r)
-    optimizer = cfg.optimizer
-    if f.strategy != "fedkseed" and hasattr(optimizer, "seed"):  # fresh noise every round
-        optimizer = dataclasses.replace(optimizer, seed=optimizer.seed + 7919 * rnd + 104729 * pid)
+    optimizer = strategy.local_optimizer(cfg.optimizer, rnd, pid)
     work = Path(tempfile.mkdtemp(prefix=f"slimtune-client{pid}-"))
     local_cfg = dataclasses.replace(
         cfg,
@@ -329,54 +268,16 @@ def client_round(
     )
     steps = tc.steps or max(1, math.ceil(tc.epochs * len(shard) / (batch * tc.grad_accum)))
     local_cfg.train.steps = steps
-    theta0 = base.initial_state(local_cfg)
+    local = Local(cfg, pid, rnd, arrays, conf, params, budget, base.initial_state(local_cfg))
     start: dict[str, torch.Tensor] = {}
-    picks: dict[int, float] = {}  # fedkseed: seed index -> accumulated -lr * g
-    pending: list[tuple[int, int, float]] = []  # (step, seed index, lr)
-    holder: list[torch.optim.Optimizer] = []
 
     def setup(model: nn.Module, opt: torch.optim.Optimizer, method: Any) -> None:
-        if f.strategy == "fedavg":
-            state = {n: _torch(arrays[n]) for n in arrays}
-            info = lora_info(cfg)
-            if info is not None and budget is not None:
-                pairs = agg.lora_pairs(list(state))
-                ref = agg.lora_scale(info[0], int(conf["ref_rank"]), info[1])
-                mine = agg.lora_scale(info[0], params.r, info[1])
-                view = agg.client_view(state, pairs, params.r, mine, ref)
-                for a_name, b_name in pairs:  # slots the global state lacks: own fresh init
-                    have = view[a_name].shape[0]
-                    if have < params.r:
-                        view[a_name] = torch.cat([view[a_name], theta0[a_name][have:]])
-                        view[b_name] = torch.cat([view[b_name], theta0[b_name][:, have:]], 1)
-                state = view
-            method.load_trainable_state(model, state)
-        elif f.strategy == "fedkseed":
-            method.load_trainable_state(model, theta0)
-            seeds.rebuild_fedkseed(opt, arrays["scalars"], f.seed)
-            probs = seeds.pro_probabilities(arrays["scalars"]) if f.seed_sampling == "pro" else None
-            rng = np.random.default_rng([f.seed, rnd, pid])
-
-            def key_source(step: int) -> tuple[int, int]:
-                if not pending or pending[-1][0] != step:  # the lr this step's update uses
-                    idx = int(rng.choice(f.seeds, p=probs))
-                    pending.append((step, idx, opt.param_groups[0]["lr"]))
-                return seeds.candidate_key(f.seed, pending[-1][1])
-
-            opt.key_source = key_source
-            holder.append(opt)
-        else:  # ferret
-            method.load_trainable_state(model, theta0)
-            tensors = list(method.trainable_state(model).values())
-            rebuild_ferret(tensors, arrays, f)
+        strategy.load(model, opt, method, local)
         for n, t in method.trainable_state(model).items():
             start[n] = t.detach().clone()
 
     def on_step(step: int, model: nn.Module, row: dict | None) -> None:
-        if row is None or not holder:
-            return
-        (_, g, _), (_, idx, lr) = holder[0]._last_terms[0], pending[-1]
-        picks[idx] = picks.get(idx, 0.0) - lr * g
+        strategy.on_step(step, row)
 
     t0 = time.perf_counter()
     try:
@@ -406,123 +307,47 @@ def client_round(
     }
     if est is not None:
         metrics["estimate_mb"] = est
-    if f.strategy == "fedavg":
-        if f.compress == "compeft":
-            deltas = {n: t.float() - start[n].float() for n, t in end.items()}
-            # What the dense update would weigh as compress=none sends it (_np: bf16 as fp32).
-            metrics["raw_bytes"] = sum(_np_nbytes(t) for t in end.values())
-            return agg.compeft_pack(deltas, f.compeft_density), metrics
-        return {n: _np(t) for n, t in end.items()}, metrics
-    if f.strategy == "fedkseed":
-        idx = np.array(sorted(picks), dtype=np.int64)
-        vals = np.array([picks[int(i)] for i in idx], dtype=np.float32)
-        return {"picks": seeds.pack_pairs(idx, vals)}, metrics
-    deltas = [start[n].float() - end[n].float() for n in start]
-    counts, coords = seeds.ferret_project(deltas, seeds.Directions(f.seed), rnd, f.seeds)
-    return {"counts": counts, "coords": coords}, metrics
-
-
-def resolve_scalars(arrays: Arrays, conf: dict[str, Any], memory: dict[str, Any] | None):
-    """FedKSeed's K scalars from a dense download, or from the client's stored copy plus the
-    entries that changed since the round it was stored (``sync``: packed pairs)."""
-    if "scalars" in arrays:
-        return np.asarray(arrays["scalars"], dtype=np.float32)
-    base = int(conf.get("base", -1))
-    if base == -1:  # changes since the initial scalars (all zero), which need no memory
-        memory = {"version": -1, "scalars": np.zeros(int(conf["seeds"]), dtype=np.float32)}
-    if memory is None or memory.get("version") != base:
-        raise SlimtuneError(
-            f"fedkseed: the server sent changes since round {base}, but this client holds "
-            f"round {None if memory is None else memory.get('version')}"
-        )
-    idx, val = seeds.unpack_pairs(arrays["sync"])
-    out = np.array(memory["scalars"], dtype=np.float32, copy=True)
-    out[idx] = val
-    return out
-
-
-def resolve_history(arrays: Arrays, conf: dict[str, Any], memory: dict[str, Any] | None):
-    """Ferret's coordinate tables of every past round: those sent now, after the ones the
-    client kept from the round it last answered (``base``; -1: all were sent)."""
-    base = int(conf.get("base", -1))
-    if base == -1:
-        return dict(arrays)
-    if memory is None or memory.get("version") != base:
-        raise SlimtuneError(
-            f"ferret: the server sent the tables since round {base}, but this client holds "
-            f"round {None if memory is None else memory.get('version')}"
-        )
-    kept = {k: v for k, v in memory.items() if isinstance(v, np.ndarray)}
-    return {**kept, **arrays}
-
-
-def rebuild_ferret(tensors: list[torch.Tensor], arrays: Arrays, f: Any) -> None:
-    """Apply every past round's aggregated coordinates (``r{i}.counts`` / ``r{i}.coords``)."""
-    dirs = seeds.Directions(f.seed)
-    rounds = sorted({int(k.split(".")[0][1:]) for k in arrays if k.startswith("r")})
-    for i in rounds:
-        seeds.apply_ferret_round(
-            tensors, arrays[f"r{i}.counts"], arrays[f"r{i}.coords"], dirs, i, f.server_lr, f.clip
-        )
+    up, extra = strategy.upload(start, end, local)
+    metrics.update(extra)
+    return up, metrics
 
 
 # --- the server --------------------------------------------------------------------------------
 
 
 class Server:
-    """The global state of a federated run, its aggregation and its evaluation."""
+    """The global state of a federated run, its aggregation and its evaluation. The strategy
+    keeps its global state here (``state``, ``scalars``, ``history``, ...)."""
 
     def __init__(self, cfg: RunConfig):
         validate(cfg)
         self.cfg, self.f = cfg, cfg.federated
+        self.strategy: Strategy = _strategy(self.f.strategy)(cfg)
         self.base = Base.get(cfg)
         self._work = tempfile.mkdtemp(prefix="slimtune-server-")
         self.theta0 = self.base.initial_state(cfg)
         self.info = lora_info(cfg)
         self.ref_rank = int(getattr(cfg.params, "r", 0) or 0)
         self.rank = self.ref_rank
-        self._build(cfg)
-        self.state = {n: t.clone() for n, t in self.theta0.items()}  # fedavg
-        self.scalars = np.zeros(self.f.seeds, dtype=np.float64)  # fedkseed
-        self.history: Arrays = {}  # ferret: aggregated coordinates of every round
-        self.snapshots: dict[int, np.ndarray] = {}  # fedkseed: the scalars sent in each round
-        self.node_round: dict[int, int] = {}  # fedkseed: which round's scalars a node holds
-        self.snapshots[-1] = np.zeros(self.f.seeds, dtype=np.float32)
+        self.build(cfg)
+        self.node_round: dict[int, int] = {}  # which round's payload a node holds
+        self.strategy.start(self)
         self.eval_examples = load_splits(cfg.data, self.base.tok).eval
         self.sync()
 
-    def _build(self, cfg: RunConfig) -> None:
+    def build(self, cfg: RunConfig) -> None:
+        """(Re)build the server's model and method (at the global rank)."""
         self.model, self.method = self.base.prepared(cfg, Path(self._work))
         self.head = find_head(self.model)
         self.optimizer = None
-        if self.f.strategy == "fedkseed":
-            groups = self.method.param_groups(self.model, 0.0)
-            self.optimizer = registry.build("optimizer", cfg.optimizer).build(groups, self.model)
+        self.strategy.on_build(self)
 
     # --- downlink --------------------------------------------------------------------------
     def payload(self, rnd: int, node: int | None = None) -> tuple[Arrays, dict[str, Any]]:
-        """What round ``rnd`` sends to ``node``. FedKSeed sends the K scalars, or only those
-        that changed since the round whose scalars the node holds, whichever is smaller;
-        Ferret sends the coordinate tables the node has not seen."""
+        """What round ``rnd`` sends to ``node`` (the strategy may send a node only what
+        changed since the round it last answered)."""
         conf: dict[str, Any] = {"round": rnd, "ref_rank": self.ref_rank}
-        if self.f.strategy == "fedavg":
-            return {n: _np(t) for n, t in self.state.items()}, conf
-        if self.f.strategy == "fedkseed":
-            cur = self.snapshots.setdefault(rnd, self.scalars.astype(np.float32))
-            # A node that never answered holds the initial scalars, all zero (round -1).
-            held = self.node_round.get(node, -1) if node is not None else None
-            if held is not None and held in self.snapshots:
-                diff = np.flatnonzero(cur != self.snapshots[held])
-                if diff.size * 8 < cur.nbytes:
-                    sync = seeds.pack_pairs(diff, cur[diff])
-                    return {"sync": sync}, {**conf, "base": held, "seeds": cur.size}
-            return {"scalars": cur}, conf
-        # Ferret: the coordinate tables of the rounds the node has not seen (a node that
-        # answered round h holds those of rounds 0..h-1).
-        held = self.node_round.get(node, -1) if node is not None else -1
-        first = max(held, 0)
-        tables = {k: v for k, v in self.history.items() if int(k.split(".")[0][1:]) >= first}
-        return tables, {**conf, "base": held}
+        return self.strategy.payload(self, rnd, node, conf)
 
     def delivered(self, node: int, rnd: int, ok: bool) -> None:
         """Record whether ``node`` answered round ``rnd`` (so it holds that round's scalars or
@@ -533,53 +358,6 @@ class Server:
             self.node_round.pop(node, None)
 
     # --- uplink ----------------------------------------------------------------------------
-    def _expected(self, metrics: dict[str, Any]) -> dict[str, tuple[int, ...]]:
-        """Shapes of a fedavg reply: the global ones, with LoRA pairs at the client's rank."""
-        shapes = {n: tuple(t.shape) for n, t in self.theta0.items()}
-        if self.info is not None:
-            r = int(metrics.get("rank", self.ref_rank))
-            for a_name, b_name in agg.lora_pairs(list(shapes)):
-                shapes[a_name] = (r, shapes[a_name][1])
-                shapes[b_name] = (shapes[b_name][0], r)
-        return shapes
-
-    def _decode(self, arrays: Arrays, metrics: dict[str, Any]) -> tuple[Any, str | None]:
-        f = self.f
-        if f.strategy == "fedavg":
-            shapes = self._expected(metrics)
-            if f.compress == "compeft":
-                try:
-                    deltas = agg.compeft_unpack(arrays, shapes)
-                except ValueError as e:
-                    return None, f"undecodable ComPEFT update: {e}"
-                state = {n: self.state[n].float() + d for n, d in deltas.items()}
-            else:
-                state = {n: _torch(a) for n, a in arrays.items()}
-            ref = self.theta0
-            why = agg.check_update(state, ref, shapes)
-            return state, why
-        if f.strategy == "fedkseed":
-            if "picks" not in arrays:
-                return None, "missing tensors, e.g. picks"
-            try:
-                idx, val = seeds.unpack_pairs(arrays["picks"])
-            except ValueError as e:
-                return None, f"picks: {e}"
-            if len(idx) and (idx.min() < 0 or idx.max() >= f.seeds):
-                return None, f"seed index outside 0..{f.seeds - 1}"
-            if not np.isfinite(val).all():
-                return None, "val contains NaN or inf"
-            return (idx.astype(np.int64), val.astype(np.float64)), None
-        counts, coords = arrays.get("counts"), arrays.get("coords")
-        n_tensors = len(self.theta0)
-        if counts is None or coords is None or counts.shape != (n_tensors,):
-            return None, f"expected counts of {n_tensors} tensors and coords"
-        if counts.min() < 0 or int(counts.sum()) != coords.shape[0]:
-            return None, "coords do not match counts"
-        if not np.isfinite(coords).all():
-            return None, "coords contain NaN or inf"
-        return (counts, coords), None
-
     def aggregate(self, rnd: int, replies: list[tuple[int, Arrays, dict[str, Any]]]) -> dict:
         """Fold the round's replies (node, arrays, metrics) into the global state. Bad updates
         are rejected and logged; with fewer than min_clients accepted the state is unchanged."""
@@ -588,7 +366,7 @@ class Server:
         # client answered first.
         replies = sorted(replies, key=lambda r: (r[2].get("partition", 0), r[0]))
         for node, arrays, metrics in replies:
-            decoded, why = self._decode(arrays, metrics)
+            decoded, why = self.strategy.decode(self, arrays, metrics)
             if why is not None:
                 log.warning("round %d: update of node %s rejected: %s", rnd, node, why)
                 rejected.append({"node": node, "reason": why})
@@ -605,27 +383,7 @@ class Server:
             out["applied"] = False
             return out
         weights = [float(m["num_examples"]) for _, _, m in accepted]
-        f = self.f
-        if f.strategy == "fedavg":
-            states = [d for _, d, _ in accepted]
-            if self.info is not None:
-                alpha, rs = self.info
-                scales = [agg.lora_scale(alpha, int(m["rank"]), rs) for _, _, m in accepted]
-                ref = agg.lora_scale(alpha, self.ref_rank, rs)
-                self.state, pairs = agg.aggregate_lora(
-                    states, weights, scales, ref, f.lora_aggregation
-                )
-                self.rank = self.state[pairs[0][0]].shape[0] if pairs else self.rank
-            else:
-                self.state = agg.fedavg(states, weights)
-        elif f.strategy == "fedkseed":
-            total = sum(weights)
-            for (_, (idx, val), _), w in zip(accepted, weights):
-                np.add.at(self.scalars, idx, w / total * val)
-        else:
-            counts, coords = seeds.ferret_mean([d for _, d, _ in accepted], weights)
-            self.history[f"r{rnd}.counts"] = counts
-            self.history[f"r{rnd}.coords"] = coords
+        self.strategy.aggregate(self, rnd, [(d, m) for _, d, m in accepted], weights)
         self.sync()
         out["applied"] = True
         return out
@@ -633,26 +391,7 @@ class Server:
     # --- the global model ------------------------------------------------------------------
     def sync(self) -> None:
         """Put the global state into the server's model."""
-        f = self.f
-        if f.strategy == "fedavg":
-            state = self.state
-            if self.info is not None:
-                pairs = agg.lora_pairs(list(state))
-                if pairs and self.rank != getattr(self.method.cfg, "r", self.rank):
-                    params = dataclasses.replace(self.cfg.params, r=self.rank)
-                    self._build(dataclasses.replace(self.cfg, params=params))
-                alpha, rs = self.info
-                scale = agg.lora_scale(alpha, self.rank, rs)
-                ref = agg.lora_scale(alpha, self.ref_rank, rs)
-                state = agg.client_view(state, pairs, self.rank, scale, ref)
-            self.method.load_trainable_state(self.model, state)
-            return
-        self.method.load_trainable_state(self.model, self.theta0)
-        if f.strategy == "fedkseed":
-            seeds.rebuild_fedkseed(self.optimizer, self.scalars.astype(np.float32), f.seed)
-        else:
-            tensors = list(self.method.trainable_state(self.model).values())
-            rebuild_ferret(tensors, self.history, f)
+        self.strategy.sync(self)
 
     def trainable(self) -> dict[str, torch.Tensor]:
         return {n: t.detach().clone() for n, t in self.method.trainable_state(self.model).items()}
