@@ -66,6 +66,18 @@ class LocalRound:
 
 
 @dataclass
+class RunResult:
+    """What :func:`slimtune.loop.train` returns."""
+
+    run_dir: Path
+    summary: dict[str, Any]
+    model: torch.nn.Module  # trained, unwrapped (adapters not merged)
+    tokenizer: Any
+    method: ParamsMethod
+    optimizer: torch.optim.Optimizer | None = None
+
+
+@dataclass
 class Parts:
     method: ParamsMethod
     optim_method: OptimizerMethod

@@ -10,12 +10,10 @@ final artefacts and ``summary.json``. The loop knows no method family by name.
 from __future__ import annotations
 
 import json
-import logging
 import math
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,25 +22,13 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from . import checkpoint, rundir
-from .assemble import LocalRound, assemble, make_accelerator
+from .assemble import LocalRound, RunResult, assemble, make_accelerator
 from .config import RunConfig
 from .data import Splits
 from .errors import TrainingDiverged
 from .evaluate import evaluate
 from .memory import fmt_bytes, optimizer_state_bytes, peak_bytes, trim_heap
-from .methods.base import ParamsMethod, StepContext
-
-log = logging.getLogger(__name__)
-
-
-@dataclass
-class RunResult:
-    run_dir: Path
-    summary: dict[str, Any]
-    model: torch.nn.Module  # trained, unwrapped (adapters not merged)
-    tokenizer: Any
-    method: ParamsMethod
-    optimizer: torch.optim.Optimizer | None = None
+from .methods.base import StepContext
 
 
 def train(
@@ -92,8 +78,8 @@ class Run:
         self.work_dir = self.run_dir / rundir.WORK / f"rank{accelerator.process_index}"
         self.started = False  # the directory holds a run worth keeping (see abandon)
         self.step, self.tokens_seen, self.train_seconds = 0, 0, 0.0
-        self.metrics_file: Any = None
-        self.bar: Any = None
+        self.metrics_file: Any = None  # metrics.jsonl, main process only, once open
+        self.bar: Any = None  # the training progress bar, once fitting
         self.eval_before: dict[str, Any] = {}
 
     # --- set-up: nothing is written until all of it has succeeded ---------------------------
