@@ -12,6 +12,7 @@ and owns the global state; a client makes a fresh instance per round.
 from __future__ import annotations
 
 import dataclasses
+from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -59,8 +60,9 @@ class Local:
     theta0: State  # the initial trainable state at this client's params
 
 
-class Strategy:
-    """The hooks of a federated strategy (defaults: a stateless client, a dense download)."""
+class Strategy(ABC):
+    """The hooks of a federated strategy (defaults: a stateless client, a dense download); the
+    abstract ones every strategy implements."""
 
     name: str  # set by the registry
     # A client may train at its own LoRA rank (federated.memory_budgets_mb) or compress its
@@ -74,6 +76,7 @@ class Strategy:
     @classmethod
     def validate(cls, cfg: RunConfig) -> None:
         """Refuse a recipe this strategy cannot run (raise SlimtuneError naming the field)."""
+        return None  # optional hook
 
     # --- client side ---------------------------------------------------------------------
     def receive(self, arrays: Arrays, conf: dict[str, Any], memory: dict[str, Any] | None):
@@ -88,37 +91,40 @@ class Strategy:
             return dataclasses.replace(spec, seed=spec.seed + 7919 * rnd + 104729 * pid)
         return spec
 
+    @abstractmethod
     def load(self, model: nn.Module, opt: Any, method: Any, local: Local) -> None:
         """Put the global state into the client's freshly prepared model."""
-        raise NotImplementedError
 
     def on_step(self, step: int, row: dict | None) -> None:
         """After local step ``step`` (``row``: its logged metrics, None when not logged)."""
+        return None  # optional hook
 
+    @abstractmethod
     def upload(self, start: State, end: State, local: Local) -> tuple[Arrays, dict[str, Any]]:
         """What the client sends up after its local steps, and extra metrics."""
-        raise NotImplementedError
 
     # --- server side ---------------------------------------------------------------------
     def start(self, server: Server) -> None:
         """Set up the global state (on ``server``, where reports and tests read it)."""
+        return None  # optional hook
 
     def on_build(self, server: Server) -> None:
         """The server (re)built its model and method."""
+        return None  # optional hook
 
+    @abstractmethod
     def payload(self, server: Server, rnd: int, node: int | None, conf: dict[str, Any]):
         """(arrays, conf) that round ``rnd`` sends to ``node``."""
-        raise NotImplementedError
 
+    @abstractmethod
     def decode(self, server: Server, arrays: Arrays, metrics: dict[str, Any]):
         """(update, None) for a well-formed reply, (None, reason) otherwise."""
-        raise NotImplementedError
 
+    @abstractmethod
     def aggregate(self, server: Server, rnd: int, updates: list, weights: list[float]) -> None:
         """Fold the accepted updates (with their metrics: ``(update, metrics)``) into the
         global state."""
-        raise NotImplementedError
 
+    @abstractmethod
     def sync(self, server: Server) -> None:
         """Put the global state into the server's model."""
-        raise NotImplementedError
