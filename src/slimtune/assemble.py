@@ -112,7 +112,7 @@ def assemble(
     if local is not None:
         model, tok = local.base
     else:
-        model, tok = load_recipe_model(cfg.model, place=False)  # accelerate places it
+        model, tok = load_recipe_model(cfg.model, place=False, base=cfg.base)  # accelerate places
     splits = splits or load_splits(cfg.data, tok)
     batches = Batches(splits.train, tc.batch_size, tc.seed, acc.process_index, world)
     if local is not None and local.position:
@@ -160,6 +160,7 @@ def _methods(cfg: RunConfig, world: int) -> tuple[ParamsMethod, OptimizerMethod]
     anything is loaded."""
     method = registry.build("params", cfg.params)
     optim_method = registry.build("optimizer", cfg.optimizer)
+    registry.build("base", cfg.base).check(method, optim_method)
     optim_method.check(cfg.train, world)
     if not optim_method.supports_objective(cfg.objective.name):
         raise SlimtuneError(

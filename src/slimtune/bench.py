@@ -223,19 +223,15 @@ def worker(spec_path: str) -> None:
     Path(spec["result"]).write_text(json.dumps({"summary": result.summary, "curve": curve}))
 
 
-def run(
-    cfg_dict: dict[str, Any],
-    entries: list[Entry],
-    out_dir: Path,
-    gemm_seconds: float = 2.0,
-    keep_runs: bool = False,
-) -> dict[str, Any]:
-    """Run the bench; write and return the results (see the module docstring)."""
+def _recipes(
+    cfg_dict: dict[str, Any], entries: list[Entry], out_dir: Path
+) -> tuple[list[dict[str, Any]], list[Any], int]:
+    """Every method's recipe, validated before anything runs or is written; (recipes, their
+    RunConfigs, train.steps)."""
     from . import config
 
     if out_dir.exists() and any(out_dir.iterdir()):
         raise SlimtuneError(f"bench: --out {str(out_dir)!r} is not empty")
-    # Validate every method's recipe before anything runs or is written.
     recipes, cfgs = [], []
     for e in entries:
         r = {**cfg_dict, "params": e.params, "optimizer": e.optimizer}
@@ -244,12 +240,48 @@ def run(
     steps = cfgs[0].train.steps
     if not steps:
         raise SlimtuneError("bench: train.steps must be set (--steps N)")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    return recipes, cfgs, steps
+
+
+def _result(e: Entry, res: dict[str, Any], cfg: Any, peak: float) -> dict[str, Any]:
+    """One method's entry of results.json, from its worker's result and the planner."""
+    s = res["summary"]
+    pred = _predict(cfg)
+    cuda = s["device"].startswith("cuda")
+    measured = s["peak_memory_bytes"] if cuda else res["peak_rss"]
+    flops = pred.flops_per_token if pred is not None else None
+    return {
+        "label": e.label,
+        "params": e.params,
+        "optimizer": e.optimizer,
+        "curve": res["curve"],
+        "final_loss": s["train_loss"],
+        "eval_before": s["eval_before"],
+        "eval_after": s["eval_after"],
+        "peak_bytes": measured,
+        "peak_kind": "max allocated" if cuda else "peak RSS",
+        "predicted_peak_bytes": pred.peak if pred is not None else None,
+        "tokens_per_s": s["tokens_per_s"],
+        "flops_per_token": flops,
+        "utilisation": (flops * s["tokens_per_s"] / peak) if flops else None,
+        "trainable_params": s["trainable_params"],
+        "train_seconds": s["train_seconds"],
+        "wall_seconds": res["wall_s"],
+        "device": s["device"],
+    }
+
+
+def _run_all(
+    entries: list[Entry],
+    recipes: list[dict[str, Any]],
+    cfgs: list[Any],
+    out_dir: Path,
+    peak: float,
+    steps: int,
+    keep_runs: bool,
+) -> list[dict[str, Any]]:
+    """Run the methods one after the other, each in a fresh process; their results."""
     runs = out_dir / "runs"
-    dtype = cfgs[0].model.dtype
-    print(f"bench: measuring the GEMM peak ({dtype}) ...", flush=True)
-    peak = gemm_peak(dtype, gemm_seconds)
-    print(f"bench: GEMM peak {peak / 1e9:.0f} GFLOP/s; {len(entries)} methods x {steps} steps")
     results = []
     t0 = time.perf_counter()
     for i, (e, r, c) in enumerate(zip(entries, recipes, cfgs)):
@@ -263,32 +295,25 @@ def run(
         )
         if not keep_runs:  # the trained weights of every method would fill the disk
             shutil.rmtree(r["output_dir"], ignore_errors=True)
-        s = res["summary"]
-        pred = _predict(c)
-        cuda = s["device"].startswith("cuda")
-        measured = s["peak_memory_bytes"] if cuda else res["peak_rss"]
-        flops = pred.flops_per_token if pred is not None else None
-        results.append(
-            {
-                "label": e.label,
-                "params": e.params,
-                "optimizer": e.optimizer,
-                "curve": res["curve"],
-                "final_loss": s["train_loss"],
-                "eval_before": s["eval_before"],
-                "eval_after": s["eval_after"],
-                "peak_bytes": measured,
-                "peak_kind": "max allocated" if cuda else "peak RSS",
-                "predicted_peak_bytes": pred.peak if pred is not None else None,
-                "tokens_per_s": s["tokens_per_s"],
-                "flops_per_token": flops,
-                "utilisation": (flops * s["tokens_per_s"] / peak) if flops else None,
-                "trainable_params": s["trainable_params"],
-                "train_seconds": s["train_seconds"],
-                "wall_seconds": res["wall_s"],
-                "device": s["device"],
-            }
-        )
+        results.append(_result(e, res, c, peak))
+    return results
+
+
+def run(
+    cfg_dict: dict[str, Any],
+    entries: list[Entry],
+    out_dir: Path,
+    gemm_seconds: float = 2.0,
+    keep_runs: bool = False,
+) -> dict[str, Any]:
+    """Run the bench; write and return the results (see the module docstring)."""
+    recipes, cfgs, steps = _recipes(cfg_dict, entries, out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dtype = cfgs[0].model.dtype
+    print(f"bench: measuring the GEMM peak ({dtype}) ...", flush=True)
+    peak = gemm_peak(dtype, gemm_seconds)
+    print(f"bench: GEMM peak {peak / 1e9:.0f} GFLOP/s; {len(entries)} methods x {steps} steps")
+    results = _run_all(entries, recipes, cfgs, out_dir, peak, steps, keep_runs)
     report = {
         "model": cfgs[0].model.name,
         "dtype": dtype,
@@ -362,18 +387,7 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plots(report: dict[str, Any], out_dir: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ms = report["methods"]
-    labels = [m["label"] for m in ms]
-    title = f"{report['model']}, batch {report['batch_size']} x {report['max_seq_len']}"
-    width = max(7.0, 0.45 * len(ms) + 2)
-    many = len(ms) > 6
-
+def _plot_loss(plt: Any, ms: list[dict[str, Any]], title: str, width: float, out_dir: Path) -> None:
     fig, ax = plt.subplots(figsize=(width, 4.8))
     colours = plt.get_cmap("tab10").colors
     for i, m in enumerate(ms):  # ten colours, then a new line style and marker: no two alike
@@ -384,7 +398,7 @@ def plots(report: dict[str, Any], out_dir: Path) -> None:
     ax.set_ylabel("training loss")
     ax.set_title(f"Loss vs step ({title})")
     ax.grid(alpha=0.3)
-    if many:  # beside the axes, so no curve hides behind it
+    if len(ms) > 6:  # beside the axes, so no curve hides behind it
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), ncol=len(ms) // 16 + 1)
     else:
         ax.legend(fontsize=9)
@@ -392,6 +406,11 @@ def plots(report: dict[str, Any], out_dir: Path) -> None:
     fig.savefig(out_dir / "loss.png", dpi=120)
     plt.close(fig)
 
+
+def _plot_memory(
+    plt: Any, ms: list[dict[str, Any]], title: str, width: float, out_dir: Path
+) -> None:
+    labels, many = [m["label"] for m in ms], len(ms) > 6
     fig, ax = plt.subplots(figsize=(width, 4.8))
     x = range(len(ms))
     ax.bar(x, [m["peak_bytes"] / GB for m in ms], color="tab:blue", label=ms[0]["peak_kind"])
@@ -410,7 +429,13 @@ def plots(report: dict[str, Any], out_dir: Path) -> None:
     fig.savefig(out_dir / "memory.png", dpi=120)
     plt.close(fig)
 
+
+def _plot_speed(
+    plt: Any, ms: list[dict[str, Any]], title: str, width: float, out_dir: Path
+) -> None:
+    labels, many = [m["label"] for m in ms], len(ms) > 6
     fig, ax = plt.subplots(figsize=(width, 4.8))
+    x = range(len(ms))
     bars = ax.bar(x, [m["tokens_per_s"] for m in ms], color="tab:green")
     for b, m in zip(bars, ms):
         if m["utilisation"] is not None:
@@ -424,6 +449,21 @@ def plots(report: dict[str, Any], out_dir: Path) -> None:
     fig.tight_layout()
     fig.savefig(out_dir / "speed.png", dpi=120)
     plt.close(fig)
+
+
+def plots(report: dict[str, Any], out_dir: Path) -> None:
+    """loss.png, memory.png and speed.png of a report."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ms = report["methods"]
+    title = f"{report['model']}, batch {report['batch_size']} x {report['max_seq_len']}"
+    width = max(7.0, 0.45 * len(ms) + 2)
+    _plot_loss(plt, ms, title, width, out_dir)
+    _plot_memory(plt, ms, title, width, out_dir)
+    _plot_speed(plt, ms, title, width, out_dir)
 
 
 if __name__ == "__main__":

@@ -116,7 +116,7 @@ def _load_run(run_dir: Path, overrides: list[str]):
     cfg = config.from_dict(
         config.merge(config.read_yaml(run_dir / "config.yaml"), config.parse_overrides(overrides))
     )
-    base, tok = load_recipe_model(cfg.model)
+    base, tok = load_recipe_model(cfg.model, base=cfg.base)
     method = registry.build("params", cfg.params)
     try:
         model = method.load(base, run_dir)
@@ -142,7 +142,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         cfg, model, tok, _ = _load_run(target, args.overrides)
     else:
         cfg = config.load(target, args.overrides)
-        model, tok = load_recipe_model(cfg.model)
+        model, tok = load_recipe_model(cfg.model, base=cfg.base)
     splits = load_splits(cfg.data, tok)
     examples = splits.eval or splits.train
     metrics = evaluate(
@@ -361,9 +361,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="slimtune", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
+def _add_train(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     t = sub.add_parser("train", help="train a recipe: slimtune train RECIPE.yaml [key=value ...]")
     t.add_argument(
         "args",
@@ -372,6 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="a recipe file (optional), then overrides such as train.steps=10 params.r=4",
     )
     t.set_defaults(fn=cmd_train)
+
+
+def _add_fed(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     f = sub.add_parser(
         "fed",
         help="federated fine-tuning on Flower: slimtune fed RECIPE.yaml [key=value ...] "
@@ -385,6 +386,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout", type=float, default=0.0, help="deployment: seconds to wait (0: no limit)"
     )
     f.set_defaults(fn=cmd_fed)
+
+
+def _add_demo_eval_merge(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """demo, eval and merge: positional arguments only."""
     d = sub.add_parser(
         "demo", help="LoRA on the bundled SmolLM2-135M, SST-2, held-out accuracy before/after"
     )
@@ -400,6 +405,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("run_dir")
     m.add_argument("out")
     m.set_defaults(fn=cmd_merge)
+
+
+def _add_plan(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     pl = sub.add_parser(
         "plan",
         help="price a recipe's memory before running it: slimtune plan [RECIPE.yaml] "
@@ -426,6 +434,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--budget", help="rank every method that fits, e.g. 24GB")
     pl.add_argument("--json", action="store_true", help="print the breakdown as JSON")
     pl.set_defaults(fn=cmd_plan)
+
+
+def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     b = sub.add_parser(
         "bench",
         help="methods side by side, each in a fresh process: slimtune bench [RECIPE.yaml] "
@@ -448,6 +459,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--keep-runs", action="store_true", help="keep each method's run directory (weights)"
     )
     b.set_defaults(fn=cmd_bench)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="slimtune", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    # One helper per subcommand (or group of small ones), in the order `slimtune -h` lists them.
+    _add_train(sub)
+    _add_fed(sub)
+    _add_demo_eval_merge(sub)
+    _add_plan(sub)
+    _add_bench(sub)
     sub.add_parser("methods", help="list registered methods and their options").set_defaults(
         fn=cmd_methods
     )

@@ -31,7 +31,7 @@ class ModelConfig:
     name: str = "smollm2-135m"
     """Bundled name (smollm2-135m, gemma3-270m, tiny-llama), a local Hugging Face directory, a .gguf file, or a hub id."""
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
-    """Dtype the weights are held in."""
+    """Dtype the weights are held in (the recipe's `base` defaults to it)."""
     device: str = "auto"
     """auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps."""
     trust_remote_code: bool = False
@@ -178,6 +178,8 @@ class RunConfig:
     """The base model."""
     data: DataConfig = field(default_factory=DataConfig)
     """Training and held-out data."""
+    base: Any = None
+    """How the frozen weights are stored: a registered base (fp32, bf16, fp16) or {name: ..., option: ...}; default: model.dtype."""
     params: Any = None
     """Which parameters train, and in what form: {name: lora, r: 8, ...} or just a method name."""
     optimizer: Any = None
@@ -259,15 +261,15 @@ def _type_name(tp: Any) -> str:
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """``value`` as type ``tp`` (a field's annotation), or a one-line error naming ``where``."""
     origin = typing.get_origin(tp)
     bad = SlimtuneError(f"config: {where}: expected {_type_name(tp)}, got {value!r}")
     if tp is Any:
         return value
     if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
+        if value is None and type(None) in typing.get_args(tp):
             return None
-        for arg in args:
+        for arg in typing.get_args(tp):
             if arg is type(None):
                 continue
             try:
@@ -279,20 +281,34 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if value in typing.get_args(tp):
             return value
         raise bad
-    if origin is list:
+    if origin in (list, dict):
+        return _coerce_container(value, tp, where, bad)
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, where)
+    if tp in (bool, int, float, str):
+        return _coerce_scalar(value, tp, where, bad)
+    return value
+
+
+def _coerce_container(value: Any, tp: Any, where: str, bad: SlimtuneError) -> Any:
+    """A ``list[X]`` or ``dict[str, X]`` field, each item coerced and named by its position."""
+    if typing.get_origin(tp) is list:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             value = [value]  # a single item where a list is expected is the list of that item
         if not isinstance(value, (list, tuple)):
             raise bad
         (item,) = typing.get_args(tp)
         return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise bad
-        _, vt = typing.get_args(tp)
-        return {str(k): _coerce(v, vt, f"{where}.{k}") for k, v in value.items()}
-    if dataclasses.is_dataclass(tp):
-        return build(tp, value, where)
+    if not isinstance(value, dict):
+        raise bad
+    _, vt = typing.get_args(tp)
+    return {str(k): _coerce(v, vt, f"{where}.{k}") for k, v in value.items()}
+
+
+def _coerce_scalar(value: Any, tp: type, where: str, bad: SlimtuneError) -> Any:
+    """A bool, int, float or str field. YAML's loose scalars are taken where unambiguous (1.0
+    as an int, "1e-4" as a float, 8 as a str); a bool is never a number."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -303,28 +319,23 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if isinstance(value, float) and value.is_integer():
             return int(value)
         raise bad
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            number = float(value)
-        elif isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
-            try:
-                number = float(value)
-            except ValueError:
-                raise bad from None
-        else:
-            raise bad
-        # No recipe field means anything with nan or inf (a limit of "none" is spelt 0), and
-        # either would pass every range check below (nan compares false) and spoil the run.
-        if not math.isfinite(number):
-            raise SlimtuneError(f"config: {where}: expected a finite number, got {value!r}")
-        return number
     if tp is str:
         if isinstance(value, str):
             return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if number:
             return str(value)
         raise bad
-    return value
+    try:  # float; YAML 1.1 reads "1e-4" as a string
+        result = float(value) if number or isinstance(value, str) else None
+    except ValueError:
+        raise bad from None
+    if result is None:
+        raise bad
+    # No recipe field means anything with nan or inf (a limit of "none" is spelt 0), and
+    # either would pass every range check below (nan compares false) and spoil the run.
+    if not math.isfinite(result):
+        raise SlimtuneError(f"config: {where}: expected a finite number, got {value!r}")
+    return result
 
 
 def build(cls: type, data: Any, where: str) -> Any:
@@ -364,6 +375,22 @@ def _method(axis: str, spec: Any, default: str) -> Any:
     spec = dict(spec)
     cls = registry.get(axis, str(spec.pop("name")))
     return build(cls.Config, spec, axis)  # its ``name`` field is the registered name
+
+
+def _base(spec: Any, model: ModelConfig, given: Any) -> Any:
+    """The recipe's base; ``model.dtype`` names it when ``base`` is not set. A dense base (one
+    of model.dtype's choices) is the model's dtype, so the two must agree when both are given."""
+    base = _method("base", spec, model.dtype)
+    dense = typing.get_args(typing.get_type_hints(ModelConfig)["dtype"])
+    if base.name in dense:
+        named = isinstance(given, dict) and "dtype" in given
+        if named and model.dtype != base.name:
+            raise SlimtuneError(
+                f"config: base: {base.name!r} disagrees with model.dtype {model.dtype!r}; "
+                "set one of them"
+            )
+        model.dtype = base.name
+    return base
 
 
 SEED_MAX = 2**32 - 1  # numpy's seeding (accelerate's set_seed seeds numpy too) takes 0..2**32-1
@@ -454,10 +481,12 @@ def _check_trackers(names: list[str]) -> None:
 def from_dict(data: dict[str, Any]) -> RunConfig:
     """Validate a whole recipe (already parsed) into a :class:`RunConfig`."""
     data = dict(data or {})
+    base = data.pop("base", None)
     params = data.pop("params", None)
     optimizer = data.pop("optimizer", None)
     objective = data.pop("objective", None)
     cfg = build(RunConfig, data, "")
+    cfg.base = _base(base, cfg.model, data.get("model"))
     cfg.params = _method("params", params, "full")
     cfg.optimizer = _method("optimizer", optimizer, "adamw")
     cfg.objective = _method("objective", objective, "causal-lm")

@@ -15,7 +15,7 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import (
@@ -240,18 +240,26 @@ def load_model(
     device: str | None = "cpu",
     trust_remote_code: bool = False,
     attn_implementation: str | None = None,
+    base: Any = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load ``(model, tokenizer)``. ``device=None`` leaves the model on the CPU for accelerate."""
-    if dtype not in DTYPES:
-        raise SlimtuneError(f"model.dtype: {dtype!r}: choose one of {', '.join(DTYPES)}")
-    torch_dtype = DTYPES[dtype]
+    """Load ``(model, tokenizer)``. ``device=None`` leaves the model on the CPU for accelerate.
+    ``base`` (a base-axis spec, e.g. a recipe's ``cfg.base``) says how the weights are stored;
+    by default, the dense base that ``dtype`` names."""
+    from . import registry
+
+    if base is None:
+        if dtype not in DTYPES:
+            raise SlimtuneError(f"model.dtype: {dtype!r}: choose one of {', '.join(DTYPES)}")
+        base = registry.get("base", dtype).Config()
+    storage = registry.build("base", base)
     if name == TINY:
         tok = tiny_tokenizer()
-        model = tiny_llama(vocab_size=len(tok)).to(torch_dtype)
+        model = tiny_llama(vocab_size=len(tok)).to(storage.torch_dtype)
     else:
         where = resolve(name)
         source = str(where) if where is not None else name
-        kwargs = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
+        kwargs = {"dtype": storage.torch_dtype, "trust_remote_code": trust_remote_code}
+        kwargs |= storage.load_kwargs()
         if attn_implementation:
             kwargs["attn_implementation"] = attn_implementation
         try:
@@ -261,6 +269,7 @@ def load_model(
             # A damaged file surfaces as whatever the reading library raises (safetensors,
             # tokenizers, json, ...); every one of them means "these files do not load".
             raise SlimtuneError(f"model: cannot load {name!r}: {first_line(e)}") from None
+    model = storage.after_load(model)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     if device is not None:
@@ -269,15 +278,17 @@ def load_model(
 
 
 def load_recipe_model(
-    model: ModelConfig, place: bool = True
+    model: ModelConfig, place: bool = True, base: Any = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a recipe's ``model`` section: every field of it (name, dtype, trust_remote_code,
-    attn_implementation) applies. ``place=False`` leaves the model on the CPU for accelerate to
-    place; otherwise it goes to ``model.device``."""
+    attn_implementation) applies, and the recipe's ``base`` (default: the dense ``model.dtype``).
+    ``place=False`` leaves the model on the CPU for accelerate to place; otherwise it goes to
+    ``model.device``."""
     return load_model(
         model.name,
         model.dtype,
         device=model.device if place else None,
         trust_remote_code=model.trust_remote_code,
         attn_implementation=model.attn_implementation,
+        base=base,
     )

@@ -18,7 +18,7 @@ from typing import Any
 
 from .errors import SlimtuneError
 
-AXES = ("params", "optimizer", "objective")
+AXES = ("base", "params", "optimizer", "objective")
 # Axes that are no recipe method section (no ``Config`` of their own; a plain recipe field names
 # one): ``federated.strategy`` picks a class of ``slimtune.federated.strategies``.
 OTHER_AXES = ("strategy",)

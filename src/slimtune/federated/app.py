@@ -13,7 +13,8 @@ import logging
 import math
 import re
 import time
-from typing import Any
+from dataclasses import dataclass, field
+from typing import IO, Any
 
 import numpy as np
 import yaml
@@ -24,7 +25,7 @@ from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from tqdm.auto import tqdm
 
 from .. import checkpoint, config, registry, rundir
-from ..config import RunConfig
+from ..config import FederatedConfig, RunConfig
 from ..errors import SlimtuneError
 from . import core
 
@@ -216,6 +217,188 @@ def traffic(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _own_output_dir(cfg: RunConfig, server: core.Server) -> rundir.RunDir:
+    """Take output_dir for the run's life, as a training run does (rundir.RunDir): a second
+    run on it is refused, and overwrite empties it only now that set-up succeeded."""
+    try:
+        owner = rundir.RunDir.acquire(cfg)
+    except BaseException:
+        server.close()
+        raise
+    if cfg.overwrite:
+        owner.clear()
+    return owner
+
+
+def _write_row(metrics: IO[str], row: dict[str, Any]) -> None:
+    metrics.write(json.dumps(row) + "\n")
+    metrics.flush()
+
+
+def _choose(
+    grid: Grid,
+    f: FederatedConfig,
+    rng: np.random.Generator,
+    partitions: dict[int, int],
+    node_wait: float,
+) -> list[int]:
+    """The round's clients: wait for enough nodes, learn their partitions, sample in partition
+    order."""
+    want = f.clients_per_round or f.clients
+    nodes = _wait_for_nodes(grid, min(want, f.clients), node_wait)
+    if len(nodes) < f.min_clients:
+        raise SlimtuneError(
+            f"federated: {len(nodes)} client(s) connected, fewer than min_clients={f.min_clients}"
+        )
+    _partitions(grid, nodes, partitions, node_wait)
+    nodes = sorted(nodes, key=lambda n: (partitions.get(n, 1 << 62), n))
+    k = min(want, len(nodes))
+    # Node ids are 64-bit unsigned: choose positions, not values (numpy would cast).
+    return [nodes[int(i)] for i in sorted(rng.choice(len(nodes), size=k, replace=False))]
+
+
+def _downlink(
+    server: core.Server, rnd: int, chosen: list[int]
+) -> tuple[list[Message], list[int], list[int]]:
+    """The round's train messages, their wire sizes and their tensor payload sizes."""
+    msgs, down, payload_down = [], [], []
+    for n in chosen:
+        arrays, conf = server.payload(rnd, n)
+        content = RecordDict({"arrays": _record(arrays), "config": ConfigRecord(conf)})
+        msgs.append(Message(content, dst_node_id=n, message_type="train", group_id=str(rnd + 1)))
+        down.append(wire_bytes(msgs[-1]))
+        payload_down.append(sum(a.nbytes for a in arrays.values()))
+    return msgs, down, payload_down
+
+
+def _exchange(
+    grid: Grid, msgs: list[Message], chosen: list[int], timeout: float | None
+) -> list[Message]:
+    """Send the round's messages and collect the replies, in chosen order (not arrival
+    order: the row's lists are reproducible)."""
+    replies = list(grid.send_and_receive(msgs, timeout=timeout))
+    position = {n: i for i, n in enumerate(chosen)}
+    replies.sort(key=lambda r: position.get(r.metadata.src_node_id, len(chosen)))
+    return replies
+
+
+@dataclass
+class _Uplink:
+    """The round's replies sorted out: good updates, error replies, silent nodes, byte counts."""
+
+    ok: list[tuple[int, core.Arrays, dict[str, Any]]] = field(default_factory=list)
+    failed: list[dict[str, Any]] = field(default_factory=list)
+    missing: list[int] = field(default_factory=list)
+    up: list[int] = field(default_factory=list)
+    payload_up: list[int] = field(default_factory=list)
+    raw_up: list[int | None] = field(default_factory=list)
+
+
+def _uplink(server: core.Server, rnd: int, chosen: list[int], replies: list[Message]) -> _Uplink:
+    """Sort the replies out, telling the server which nodes answered."""
+    got = _Uplink()
+    answered = {rep.metadata.src_node_id for rep in replies}
+    for rep in replies:
+        node = rep.metadata.src_node_id
+        if rep.has_error():
+            why = _reason(str(rep.error.reason))
+            got.failed.append({"node": node, "error": why})
+            log.warning("round %d: node %s failed: %s", rnd, node, why)
+            server.delivered(node, rnd, False)
+            continue
+        server.delivered(node, rnd, True)
+        m = dict(rep.content["metrics"])
+        arrays = _arrays(rep.content["arrays"])
+        got.up.append(wire_bytes(rep))
+        got.payload_up.append(sum(a.nbytes for a in arrays.values()))
+        got.raw_up.append(_raw_bytes(m))
+        got.ok.append((node, arrays, m))
+    got.missing = [n for n in chosen if n not in answered]
+    for n in got.missing:
+        log.warning("round %d: node %s sent no reply within the round", rnd, n)
+        server.delivered(n, rnd, False)
+    return got
+
+
+def _round(
+    grid: Grid,
+    cfg: RunConfig,
+    server: core.Server,
+    rnd: int,
+    rng: np.random.Generator,
+    partitions: dict[int, int],
+    node_wait: float,
+    last_eval: dict[str, Any],
+) -> dict[str, Any]:
+    """One round: choose, send, collect, aggregate, evaluate; returns its metrics.jsonl row
+    (its ``eval`` is ``last_eval`` when the global model did not change)."""
+    t0 = time.perf_counter()
+    chosen = _choose(grid, cfg.federated, rng, partitions, node_wait)
+    msgs, down, payload_down = _downlink(server, rnd, chosen)
+    replies = _exchange(grid, msgs, chosen, cfg.federated.round_timeout or None)
+    got = _uplink(server, rnd, chosen, replies)
+    ok = got.ok
+    result = server.aggregate(rnd, ok)
+    ev = server.evaluate() if result["applied"] else last_eval
+    return {
+        "round": rnd + 1,
+        "clients": chosen,
+        "partitions": [partitions.get(n) for n in chosen],
+        "replied": len(ok),
+        "replied_clients": [n for n, _, _ in ok],
+        "failed": got.failed,
+        "missing": len(got.missing),
+        "missing_clients": got.missing,
+        **result,
+        "bytes_up": got.up,
+        "bytes_down": down,
+        "payload_bytes_up": got.payload_up,
+        "payload_bytes_down": payload_down,
+        "raw_bytes_up": got.raw_up,
+        "client_loss": [m.get("loss") for _, _, m in ok],
+        "client_steps": [m.get("steps") for _, _, m in ok],
+        "client_seconds": [m.get("seconds") for _, _, m in ok],
+        "client_ranks": [m.get("rank") for _, _, m in ok],
+        "eval": ev,
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def _show(bar: tqdm, up: list[int], down: list[int], ev: dict[str, Any]) -> None:
+    bar.set_postfix(
+        up=f"{np.mean(up) / 1024 if up else 0:.1f}KB",
+        down=f"{np.mean(down) / 1024:.1f}KB",
+        acc=f"{ev.get('accuracy', float('nan')):.3f}",
+        loss=f"{ev.get('loss', float('nan')):.3f}",
+    )
+    bar.update(1)
+
+
+def _summary(
+    cfg: RunConfig,
+    rows: list[dict[str, Any]],
+    before: dict[str, Any],
+    last_eval: dict[str, Any],
+    t_start: float,
+) -> dict[str, Any]:
+    """summary.json."""
+    f = cfg.federated
+    return {
+        "strategy": f.strategy,
+        "params": cfg.params.name,
+        "optimizer": cfg.optimizer.name,
+        "model": cfg.model.name,
+        "rounds": f.rounds,
+        "clients": f.clients,
+        "local_steps": cfg.train.steps,  # 0: local_epochs passes over each shard
+        **({} if cfg.train.steps else {"local_epochs": cfg.train.epochs}),
+        **traffic(rows),
+        "eval_before": before,
+        "eval_after": last_eval,
+        "wall_seconds": time.perf_counter() - t_start,
+    }
+
+
 def run_server(
     grid: Grid, cfg: RunConfig, server: core.Server | None = None, node_wait: float = 300.0
 ) -> dict[str, Any]:
@@ -226,135 +409,34 @@ def run_server(
     t_start = time.perf_counter()
     run_dir = rundir.check(cfg)
     server = server or core.Server(cfg)
-    # The server owns output_dir for the run's life, as a training run does (rundir.RunDir):
-    # a second run on it is refused, and overwrite empties it only now that set-up succeeded.
-    try:
-        owner = rundir.RunDir.acquire(cfg)
-    except BaseException:
-        server.close()
-        raise
-    if cfg.overwrite:
-        owner.clear()
-    (run_dir / "config.yaml").write_text(config.dump(cfg))
-    metrics = (run_dir / "metrics.jsonl").open("w")
-
-    def write(row: dict[str, Any]) -> None:
-        metrics.write(json.dumps(row) + "\n")
-        metrics.flush()
-
-    before = server.evaluate()
-    write({"round": 0, "eval": before})
-    rng = np.random.default_rng(f.seed)
-    partitions: dict[int, int] = {}  # node id -> partition id
-    rows: list[dict[str, Any]] = []
-    bar = tqdm(
-        total=f.rounds, desc=f"fed {f.strategy}", unit="round", disable=not cfg.train.progress
-    )
-    last_eval = before
-    try:
+    owner = _own_output_dir(cfg, server)
+    metrics = None
+    try:  # whatever fails from here on, the lock, the file and the work directory are let go
+        (run_dir / "config.yaml").write_text(config.dump(cfg))
+        metrics = (run_dir / "metrics.jsonl").open("w")
+        before = server.evaluate()
+        _write_row(metrics, {"round": 0, "eval": before})
+        rng = np.random.default_rng(f.seed)
+        partitions: dict[int, int] = {}  # node id -> partition id
+        rows: list[dict[str, Any]] = []
+        bar = tqdm(
+            total=f.rounds, desc=f"fed {f.strategy}", unit="round", disable=not cfg.train.progress
+        )
+        last_eval = before
         for rnd in range(f.rounds):
-            t0 = time.perf_counter()
-            want = f.clients_per_round or f.clients
-            nodes = _wait_for_nodes(grid, min(want, f.clients), node_wait)
-            if len(nodes) < f.min_clients:
-                raise SlimtuneError(
-                    f"federated: {len(nodes)} client(s) connected, fewer than "
-                    f"min_clients={f.min_clients}"
-                )
-            _partitions(grid, nodes, partitions, node_wait)
-            nodes = sorted(nodes, key=lambda n: (partitions.get(n, 1 << 62), n))
-            k = min(want, len(nodes))
-            # Node ids are 64-bit unsigned: choose positions, not values (numpy would cast).
-            chosen = [nodes[int(i)] for i in sorted(rng.choice(len(nodes), size=k, replace=False))]
-            msgs, down, payload_down = [], [], []
-            for n in chosen:
-                arrays, conf = server.payload(rnd, n)
-                content = RecordDict({"arrays": _record(arrays), "config": ConfigRecord(conf)})
-                msgs.append(
-                    Message(content, dst_node_id=n, message_type="train", group_id=str(rnd + 1))
-                )
-                down.append(wire_bytes(msgs[-1]))
-                payload_down.append(sum(a.nbytes for a in arrays.values()))
-            timeout = f.round_timeout or None
-            replies = list(grid.send_and_receive(msgs, timeout=timeout))
-            # Chosen order, not arrival order: the row's lists are reproducible.
-            position = {n: i for i, n in enumerate(chosen)}
-            replies.sort(key=lambda r: position.get(r.metadata.src_node_id, len(chosen)))
-            answered = {rep.metadata.src_node_id for rep in replies}
-            ok, failed, up, payload_up, raw_up = [], [], [], [], []
-            for rep in replies:
-                node = rep.metadata.src_node_id
-                if rep.has_error():
-                    why = _reason(str(rep.error.reason))
-                    failed.append({"node": node, "error": why})
-                    log.warning("round %d: node %s failed: %s", rnd, node, why)
-                    server.delivered(node, rnd, False)
-                    continue
-                server.delivered(node, rnd, True)
-                m = dict(rep.content["metrics"])
-                got = _arrays(rep.content["arrays"])
-                up.append(wire_bytes(rep))
-                payload_up.append(sum(a.nbytes for a in got.values()))
-                raw_up.append(_raw_bytes(m))
-                ok.append((node, got, m))
-            missing = [n for n in chosen if n not in answered]
-            for n in missing:
-                log.warning("round %d: node %s sent no reply within the round", rnd, n)
-                server.delivered(n, rnd, False)
-            result = server.aggregate(rnd, ok)
-            ev = server.evaluate() if result["applied"] else last_eval
-            last_eval = ev
-            row = {
-                "round": rnd + 1,
-                "clients": chosen,
-                "partitions": [partitions.get(n) for n in chosen],
-                "replied": len(ok),
-                "replied_clients": [n for n, _, _ in ok],
-                "failed": failed,
-                "missing": len(missing),
-                "missing_clients": missing,
-                **result,
-                "bytes_up": up,
-                "bytes_down": down,
-                "payload_bytes_up": payload_up,
-                "payload_bytes_down": payload_down,
-                "raw_bytes_up": raw_up,
-                "client_loss": [m.get("loss") for _, _, m in ok],
-                "client_steps": [m.get("steps") for _, _, m in ok],
-                "client_seconds": [m.get("seconds") for _, _, m in ok],
-                "client_ranks": [m.get("rank") for _, _, m in ok],
-                "eval": ev,
-                "seconds": time.perf_counter() - t0,
-            }
-            write(row)
+            row = _round(grid, cfg, server, rnd, rng, partitions, node_wait, last_eval)
+            last_eval = row["eval"]
+            _write_row(metrics, row)
             rows.append(row)
-            bar.set_postfix(
-                up=f"{np.mean(up) / 1024 if up else 0:.1f}KB",
-                down=f"{np.mean(down) / 1024:.1f}KB",
-                acc=f"{ev.get('accuracy', float('nan')):.3f}",
-                loss=f"{ev.get('loss', float('nan')):.3f}",
-            )
-            bar.update(1)
+            _show(bar, row["bytes_up"], row["bytes_down"], last_eval)
         bar.close()
-        summary = {
-            "strategy": f.strategy,
-            "params": cfg.params.name,
-            "optimizer": cfg.optimizer.name,
-            "model": cfg.model.name,
-            "rounds": f.rounds,
-            "clients": f.clients,
-            "local_steps": cfg.train.steps,  # 0: local_epochs passes over each shard
-            **({} if cfg.train.steps else {"local_epochs": cfg.train.epochs}),
-            **traffic(rows),
-            "eval_before": before,
-            "eval_after": last_eval,
-            "wall_seconds": time.perf_counter() - t_start,
-        }
+        summary = _summary(cfg, rows, before, last_eval, t_start)
         checkpoint.publish(run_dir, server.save)
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         return summary
     finally:
-        metrics.close()
+        if metrics is not None:
+            metrics.close()
         server.close()
         owner.release()
 

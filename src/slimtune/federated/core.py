@@ -25,6 +25,7 @@ from torch import nn
 
 from .. import config as config_mod
 from .. import registry
+from ..assemble import RunResult
 from ..config import RunConfig
 from ..data import Batches, Example, Splits, load_splits
 from ..errors import SlimtuneError
@@ -116,13 +117,16 @@ class Base:
     _cache: dict[str, Base] = {}
 
     def __init__(self, cfg: RunConfig):
-        self.model, self.tok = load_recipe_model(cfg.model, place=False)
+        self.model, self.tok = load_recipe_model(cfg.model, place=False, base=cfg.base)
         self.initial: dict[tuple, dict[str, torch.Tensor]] = {}
         self.data: dict[str, Any] = {}
 
     @classmethod
     def get(cls, cfg: RunConfig) -> Base:
-        key = json.dumps([dataclasses.asdict(cfg.model)], sort_keys=True)
+        key = json.dumps(
+            [dataclasses.asdict(cfg.model), cfg.base.name, dataclasses.asdict(cfg.base)],
+            sort_keys=True,
+        )
         if key not in cls._cache:
             cls._cache.clear()
             cls._cache[key] = cls(cfg)
@@ -224,6 +228,95 @@ def choose_rank_batch(
 # --- the client --------------------------------------------------------------------------------
 
 
+def _client_budget(cfg: RunConfig, pid: int, budget_mb: float | None) -> float | None:
+    """The node's memory budget (MB), else the recipe's for partition ``pid``, else None."""
+    f = cfg.federated
+    if budget_mb is not None:
+        return budget_mb
+    return f.memory_budgets_mb[pid] if f.memory_budgets_mb else None
+
+
+def _local_config(
+    cfg: RunConfig, params: Any, optimizer: Any, batch: int, examples: int, work: Path
+) -> RunConfig:
+    """The recipe of the client's local run: its rank, optimizer and batch, quiet, in ``work``,
+    with ``train.steps`` set (from local epochs over ``examples`` when train.steps is 0)."""
+    tc = cfg.train
+    local_cfg = dataclasses.replace(
+        cfg,
+        params=params,
+        optimizer=optimizer,
+        train=dataclasses.replace(tc, batch_size=batch, eval_before=False, progress=False),
+        output_dir=str(work / "run"),
+        overwrite=True,
+        resume=False,
+    )
+    steps = tc.steps or max(1, math.ceil(tc.epochs * examples / (batch * tc.grad_accum)))
+    local_cfg.train.steps = steps
+    return local_cfg
+
+
+def _train_local(
+    cfg: RunConfig,
+    local_cfg: RunConfig,
+    strategy: Strategy,
+    local: Local,
+    base: Base,
+    shard: list[Example],
+) -> tuple[RunResult, dict[str, torch.Tensor]]:
+    """Run slimtune's loop on the shard from the round's global state (the strategy loads it);
+    returns the result and the trainable state the local run started from."""
+    tc = local_cfg.train
+    position = local.rnd * tc.steps * tc.batch_size * tc.grad_accum
+    start: dict[str, torch.Tensor] = {}
+
+    def setup(model: nn.Module, opt: torch.optim.Optimizer, method: Any) -> None:
+        strategy.load(model, opt, method, local)
+        for n, t in method.trainable_state(model).items():
+            start[n] = t.detach().clone()
+
+    def on_step(step: int, model: nn.Module, row: dict | None) -> None:
+        strategy.on_step(step, row)
+
+    result = train(
+        local_cfg,
+        splits=Splits(shard, []),
+        on_step=on_step,
+        local=LocalRound(
+            base=(copy.deepcopy(base.model), base.tok),
+            position=position,
+            calibration=base.calibration(cfg),
+            setup=setup,
+        ),
+    )
+    return result, start
+
+
+def _client_metrics(
+    result: RunResult,
+    shard: list[Example],
+    steps: int,
+    t0: float,
+    params: Any,
+    batch: int,
+    est: float | None,
+) -> dict[str, Any]:
+    """What the client reports next to its upload."""
+    metrics: dict[str, Any] = {
+        "num_examples": len(shard),
+        "loss": float(result.summary["train_loss"]),
+        "steps": steps,
+        "seconds": time.perf_counter() - t0,
+        "tokens_per_s": float(result.summary["tokens_per_s"]),
+        "peak_memory_mb": result.summary["peak_memory_bytes"] / 2**20,
+        "rank": int(getattr(params, "r", 0) or 0),
+        "batch_size": batch,
+    }
+    if est is not None:
+        metrics["estimate_mb"] = est
+    return metrics
+
+
 def client_round(
     cfg: RunConfig,
     pid: int,
@@ -239,74 +332,28 @@ def client_round(
     ``memory`` is what the client keeps between rounds (Flower's per-node context state):
     FedKSeed keeps its copy of the K scalars there and Ferret the coordinate tables of past
     rounds, so the server sends only what changed."""
-    f = cfg.federated
     rnd = int(conf["round"])
-    strategy = _strategy(f.strategy)(cfg)
+    strategy = _strategy(cfg.federated.strategy)(cfg)
     arrays = strategy.receive(arrays, conf, memory)
     base = Base.get(cfg)
     shard = load_shard(cfg, base, pid, data_path)
-    tc = cfg.train
-    budget = (
-        budget_mb
-        if budget_mb is not None
-        else (f.memory_budgets_mb[pid] if f.memory_budgets_mb else None)
-    )
-    params, batch, est = cfg.params, tc.batch_size, None
+    budget = _client_budget(cfg, pid, budget_mb)
+    params, batch, est = cfg.params, cfg.train.batch_size, None
     if budget is not None:
         r, batch, est = choose_rank_batch(base.model, cfg, budget, f"client {pid}")
         params = dataclasses.replace(cfg.params, r=r)
     optimizer = strategy.local_optimizer(cfg.optimizer, rnd, pid)
     work = Path(tempfile.mkdtemp(prefix=f"slimtune-client{pid}-"))
-    local_cfg = dataclasses.replace(
-        cfg,
-        params=params,
-        optimizer=optimizer,
-        train=dataclasses.replace(tc, batch_size=batch, eval_before=False, progress=False),
-        output_dir=str(work / "run"),
-        overwrite=True,
-        resume=False,
-    )
-    steps = tc.steps or max(1, math.ceil(tc.epochs * len(shard) / (batch * tc.grad_accum)))
-    local_cfg.train.steps = steps
-    local = Local(cfg, pid, rnd, arrays, conf, params, budget, base.initial_state(local_cfg))
-    start: dict[str, torch.Tensor] = {}
-
-    def setup(model: nn.Module, opt: torch.optim.Optimizer, method: Any) -> None:
-        strategy.load(model, opt, method, local)
-        for n, t in method.trainable_state(model).items():
-            start[n] = t.detach().clone()
-
-    def on_step(step: int, model: nn.Module, row: dict | None) -> None:
-        strategy.on_step(step, row)
-
-    t0 = time.perf_counter()
-    try:
-        result = train(
-            local_cfg,
-            splits=Splits(shard, []),
-            on_step=on_step,
-            local=LocalRound(
-                base=(copy.deepcopy(base.model), base.tok),
-                position=rnd * steps * batch * tc.grad_accum,
-                calibration=base.calibration(cfg),
-                setup=setup,
-            ),
-        )
+    try:  # the scratch directory goes, whatever fails
+        local_cfg = _local_config(cfg, params, optimizer, batch, len(shard), work)
+        steps = local_cfg.train.steps
+        local = Local(cfg, pid, rnd, arrays, conf, params, budget, base.initial_state(local_cfg))
+        t0 = time.perf_counter()
+        result, start = _train_local(cfg, local_cfg, strategy, local, base, shard)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     end = result.method.trainable_state(result.model)
-    metrics: dict[str, Any] = {
-        "num_examples": len(shard),
-        "loss": float(result.summary["train_loss"]),
-        "steps": steps,
-        "seconds": time.perf_counter() - t0,
-        "tokens_per_s": float(result.summary["tokens_per_s"]),
-        "peak_memory_mb": result.summary["peak_memory_bytes"] / 2**20,
-        "rank": int(getattr(params, "r", 0) or 0),
-        "batch_size": batch,
-    }
-    if est is not None:
-        metrics["estimate_mb"] = est
+    metrics = _client_metrics(result, shard, steps, t0, params, batch, est)
     up, extra = strategy.upload(start, end, local)
     metrics.update(extra)
     return up, metrics

@@ -73,6 +73,76 @@ def flower_env(home: Path) -> dict[str, str]:
     return env
 
 
+def _write_app(work: Path, superlink: str, insecure: bool, root_certificates: str | None) -> Path:
+    """Write the Flower App (``work/app``) and the private FLWR_HOME (``work/home``) that names
+    the SuperLink; returns the home."""
+    app_dir, home = work / "app", work / "home"
+    app_dir.mkdir()
+    home.mkdir()
+    (app_dir / "pyproject.toml").write_text(PYPROJECT)
+    (app_dir / "slimtune_fed_app.py").write_text(SHIM)
+    conn = [f'address = "{superlink}"']
+    if insecure:
+        conn.append("insecure = true")
+    else:
+        conn.append(f"root-certificates = {json.dumps(str(Path(root_certificates).resolve()))}")
+    (home / "config.toml").write_text(
+        '[superlink]\ndefault = "slimtune"\n\n[superlink.slimtune]\n' + "\n".join(conn) + "\n"
+    )
+    return home
+
+
+def _start(flwr: str, work: Path, env: dict[str, str], recipe_text: str, superlink: str) -> str:
+    """``flwr run`` the app in ``work`` with the recipe as its run config; returns the run id."""
+    # A TOML basic string: JSON's escapes are valid TOML escapes.
+    run_config = work / "run_config.toml"
+    run_config.write_text(f"recipe = {json.dumps(recipe_text)}\n")
+    res = subprocess.run(
+        [flwr, "run", str(work / "app"), "slimtune", "--run-config", str(run_config)]
+        + ["--format", "json"],
+        env=env,
+        cwd=work,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    try:
+        reply = json.loads(res.stdout)
+    except json.JSONDecodeError:
+        reply = {}
+    if res.returncode != 0 or not reply.get("success"):
+        detail = (reply.get("error-message") or res.stderr or res.stdout).strip()
+        raise SlimtuneError(
+            f"federated: submitting to {superlink} failed: {detail.splitlines()[-1] if detail else res.returncode}"
+        )
+    return str(reply["run-id"])
+
+
+def _wait(
+    flwr: str, work: Path, env: dict[str, str], run_id: str, timeout: float, poll: float
+) -> str:
+    """Poll ``flwr ls`` until the run finishes; returns its final status."""
+    end = time.monotonic() + timeout if timeout else None
+    status = ""
+    while end is None or time.monotonic() < end:
+        ls = subprocess.run(
+            [flwr, "ls", "slimtune", "--run-id", run_id, "--format", "json"],
+            env=env,
+            cwd=work,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        try:
+            status = json.loads(ls.stdout)["runs"][0]["status"]
+        except (json.JSONDecodeError, KeyError, IndexError):
+            status = ""
+        if status.startswith("finished:"):
+            return status
+        time.sleep(poll)
+    raise SlimtuneError(f"federated: run {run_id} did not finish within {timeout:.0f} s")
+
+
 def submit(
     recipe_text: str,
     superlink: str,
@@ -91,59 +161,7 @@ def submit(
     flwr = _flwr()
     with tempfile.TemporaryDirectory(prefix="slimtune-fed-") as tmp:
         work = Path(tmp)
-        app_dir, home = work / "app", work / "home"
-        app_dir.mkdir()
-        home.mkdir()
-        (app_dir / "pyproject.toml").write_text(PYPROJECT)
-        (app_dir / "slimtune_fed_app.py").write_text(SHIM)
-        conn = [f'address = "{superlink}"']
-        if insecure:
-            conn.append("insecure = true")
-        else:
-            conn.append(f"root-certificates = {json.dumps(str(Path(root_certificates).resolve()))}")
-        (home / "config.toml").write_text(
-            '[superlink]\ndefault = "slimtune"\n\n[superlink.slimtune]\n' + "\n".join(conn) + "\n"
-        )
-        # A TOML basic string: JSON's escapes are valid TOML escapes.
-        run_config = work / "run_config.toml"
-        run_config.write_text(f"recipe = {json.dumps(recipe_text)}\n")
-        env = flower_env(home)
-        res = subprocess.run(
-            [flwr, "run", str(app_dir), "slimtune", "--run-config", str(run_config)]
-            + ["--format", "json"],
-            env=env,
-            cwd=work,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        try:
-            reply = json.loads(res.stdout)
-        except json.JSONDecodeError:
-            reply = {}
-        if res.returncode != 0 or not reply.get("success"):
-            detail = (reply.get("error-message") or res.stderr or res.stdout).strip()
-            raise SlimtuneError(
-                f"federated: submitting to {superlink} failed: {detail.splitlines()[-1] if detail else res.returncode}"
-            )
-        run_id = str(reply["run-id"])
+        env = flower_env(_write_app(work, superlink, insecure, root_certificates))
+        run_id = _start(flwr, work, env, recipe_text, superlink)
         print(f"slimtune fed: run {run_id} submitted to {superlink}; waiting for it to finish")
-        end = time.monotonic() + timeout if timeout else None
-        status = ""
-        while end is None or time.monotonic() < end:
-            ls = subprocess.run(
-                [flwr, "ls", "slimtune", "--run-id", run_id, "--format", "json"],
-                env=env,
-                cwd=work,
-                capture_output=True,
-                text=True,
-                timeout=120,
-            )
-            try:
-                status = json.loads(ls.stdout)["runs"][0]["status"]
-            except (json.JSONDecodeError, KeyError, IndexError):
-                status = ""
-            if status.startswith("finished:"):
-                return status
-            time.sleep(poll)
-        raise SlimtuneError(f"federated: run {run_id} did not finish within {timeout:.0f} s")
+        return _wait(flwr, work, env, run_id, timeout, poll)

@@ -2,8 +2,8 @@
 (first-order updates projected onto shared random directions).
 
 Both send only scalars and rebuild the weights from the initial trainable state and every
-scalar received so far, with the zeroth-order noise generator (``methods/optim/zo.py``), so the
-server and every client compute bitwise the same weights from the same numbers.
+scalar received so far, with the zeroth-order noise generator (``methods/optim/zo/noise.py``),
+so the server and every client compute bitwise the same weights from the same numbers.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..methods.optim.zo import Perturber, ZerothOrderOptimizer, _Tensor
+from ..methods.optim.zo import Perturber, ZerothOrderOptimizer
+from ..methods.optim.zo.noise import PerturbedTensor
 
 FEDKSEED_TAG = 1 << 40  # key words of the candidate seeds: never those of a plain MeZO step
 FERRET_TAG = 1 << 41
@@ -63,7 +64,7 @@ def rebuild_fedkseed(optimizer: ZerothOrderOptimizer, scalars: np.ndarray, seed:
         (candidate_key(seed, int(i)), float(scalars[i]), active) for i in np.flatnonzero(scalars)
     ]
     if terms:
-        optimizer._apply(terms, add=True)
+        optimizer.add_terms(terms)
 
 
 # --- Ferret ------------------------------------------------------------------------------------
@@ -80,7 +81,8 @@ class Directions:
     def z(self, rnd: int, g: int, k: int, like: torch.Tensor) -> torch.Tensor:
         key = (self.seed, FERRET_TAG | (rnd << 20) | k)
         flat = like.detach().reshape(-1)
-        return self.gen.z(_Tensor(like, g, 0), key, 0, flat.numel(), flat).reshape(-1).float()
+        tensor = PerturbedTensor(like, g, 0)
+        return self.gen.z(tensor, key, 0, flat.numel(), flat).reshape(-1).float()
 
 
 def ferret_counts(deltas: Sequence[torch.Tensor], budget: int) -> list[int]:

@@ -2,7 +2,8 @@
 
 A params method decides which parameters train and in what form (adapters, masks, ...), and
 how the result is saved, loaded and merged. An optimizer method turns parameter groups into a
-``torch.optim.Optimizer``. The loop calls only these hooks and knows no method by name.
+``torch.optim.Optimizer`` and owns its step. An objective gives the loss; a base says how the
+frozen weights are stored. The loop calls only these hooks and knows no method by name.
 """
 
 from __future__ import annotations
@@ -217,6 +218,40 @@ class Objective:
         """The loss of ``batch`` summed over its ``targets`` (a scalar tensor with a graph when
         gradients are on); ``head`` and ``chunk`` are loss.py's chunked output head."""
         raise NotImplementedError(f"objective {self.name!r} has no loss")
+
+
+class BaseWeights:
+    """Base class of the base axis: how the frozen weights of the model are stored. The loader
+    (``models.load_model``) asks the recipe's base for the dtype the checkpoint loads in and for
+    any further ``from_pretrained`` options (a quantisation config), then lets it rework the
+    loaded model (``after_load``); ``check`` refuses params / optimizer methods it cannot serve
+    before anything loads; the planner prices the weights by the base's name."""
+
+    name: ClassVar[str]
+
+    @dataclass
+    class Config:
+        pass
+
+    def __init__(self, cfg: Any):
+        self.cfg = cfg
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        """The dtype the checkpoint loads in (for a quantised base: its non-quantised parts)."""
+        raise NotImplementedError(f"base {self.name!r} names no dtype")
+
+    def load_kwargs(self) -> dict[str, Any]:
+        """Further ``from_pretrained`` options (e.g. a quantisation config); none by default."""
+        return {}
+
+    def after_load(self, model: nn.Module) -> nn.Module:
+        """Rework the loaded model (its weights already in ``torch_dtype``) into this base, e.g.
+        quantise what the loader did not; by default nothing."""
+        return model
+
+    def check(self, params: ParamsMethod, optimizer: OptimizerMethod) -> None:
+        """Refuse, with a one-line ``SlimtuneError``, methods this base cannot serve."""
 
 
 @dataclass

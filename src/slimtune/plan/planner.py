@@ -390,121 +390,20 @@ class Plan:
         return fwd + bwd + recompute
 
     def breakdown(self, names: tuple[str, str, str] = ("", "", "")) -> Breakdown:
-        sh, w = self.shape, self.work
-        terms: list[Term] = []
-        runtime = w.runtime if w.runtime is not None else RUNTIME_BYTES[w.device]
-        terms.append(Term("runtime", runtime, "always", f"{w.device} framework"))
-        weights = sum(s.nbytes for s in self.base)
-        note = f"{sh.total_params / 1e9:.2f}B parameters at {w.weights}"
-        terms.append(Term("weights", weights, "always", note))
-        if self.new:
-            n_new = sum(s.numel for s in self.new)
-            terms.append(
-                Term("adapters", sum(s.nbytes for s in self.new), "always", f"{n_new:,} params")
-            )
+        """Every term of the plan: what lives throughout, then each phase's own."""
+        w = self.work
+        terms = self._resident_terms()
         tokens = w.tokens + w.batch * self.extra_tokens
-        n_tok = tokens * self.batch_factor
-        trainable_bytes = sum(s.nbytes for s in self.trainable)
         # padding (or a prefix) makes attention take an fp32 additive mask (B x T x T_kv),
         # which every block's attention keeps its own copy of
         seq = w.seq + self.extra_tokens
         t_kv = seq + (self.prefix_tokens if self.needs_mask else 0)
         mask = w.batch * seq * t_kv * 4.0 if self._masked() else 0.0
-
         if self.graph:
-            start, into = self._grad_from()
-            n_blocks = 0 if start is None else sh.layers - start  # None: head / final norm only
-            blocks = range(sh.layers - n_blocks, sh.layers)
-            saved = {b: self._block_saved(b, into or b > blocks[0]) for b in blocks}
-            if w.checkpointing:
-                kept = n_blocks * sh.hidden * w.resid_bytes * tokens
-                worst = max(saved.values(), default=0.0)
-                recompute = worst * tokens if n_blocks else 0.0
-            else:
-                kept = sum(saved.values()) * tokens
-                recompute = 0.0
-            # the final norm keeps its input (and its normalised input when its weight
-            # trains); a trainable head's checkpointed chunks keep their rows
-            final = sh.hidden * w.resid_bytes * tokens if n_blocks or self.trainable else 0.0
-            if any(s.kind == "norm" and s.layer is None for s in self.trainable):
-                final += sh.hidden * w.resid_bytes * tokens
-            if self.head_trains():
-                final += sh.hidden * w.act_bytes * tokens
-            terms.append(
-                Term(
-                    "activations",
-                    kept + final + mask * n_blocks,
-                    "backward",
-                    f"{n_blocks} blocks{' (checkpointed)' if w.checkpointing else ''}",
-                )
-            )
-            if recompute:
-                terms.append(Term("recompute", recompute, "backward", "one block rebuilt"))
-            if n_blocks:
-                terms.append(
-                    Term(
-                        "backward transients",
-                        self._backward_transient() * tokens,
-                        "backward",
-                        "gradients through one block",
-                    )
-                )
-            chunk = w.loss_chunk or tokens
-            chunk = min(chunk, tokens)
-            v = sh.vocab
-            if self.head_trains():
-                # logits recomputed in backward: logits, log-softmax, their gradients (fp32)
-                loss = 4 * chunk * v * 4.0
-                what = "logits recomputed per chunk (head trains)"
-            else:
-                # one fp32 logits buffer per chunk, the softmax formed in place; the input
-                # gradient (tokens x hidden) is kept for backward
-                loss = chunk * v * 4.0 + (chunk * v * 2 if w.param_bytes < 4 else 0)
-                loss += tokens * sh.hidden * w.act_bytes
-                what = "one chunk of fp32 logits (frozen head)"
-            if not w.loss_chunk:
-                what += ", not chunked"
-            terms.append(Term("loss buffer", loss, "backward", what))
-            if w.mixed_precision != "no" and w.param_bytes == 4:
-                cast = sum(s.numel for s in self.trainable if s.kind != "adapter") * 2.0
-                terms.append(
-                    Term("autocast copies", cast, "backward", "16-bit copies of trainable weights")
-                )
-            if self.grads == "all":
-                grads = trainable_bytes
-                head_grad = 0.0
-                if self.head_trains():
-                    # allocated when the loss backward starts; every later chunk's gradient of
-                    # the head exists once more before it is added
-                    head = [s for s in self.trainable if s.kind in ("head", "embedding")]
-                    head_grad = 2 * max(s.nbytes for s in head)
-                terms.append(Term("gradients", grads, "step", "every trainable tensor"))
-                if head_grad:
-                    terms.append(
-                        Term("gradients", head_grad, "backward", "output head's, and one chunk's")
-                    )
-            elif self.grads == "per-tensor":
-                biggest = max((s.nbytes for s in self.trainable), default=0.0)
-                terms.append(
-                    Term("gradients", biggest, "backward", "one tensor at a time (layer-wise)")
-                )
+            terms += self._backward_terms(tokens, mask)
+            terms += self._loss_and_gradient_terms(tokens)
         else:
-            act = self._block_forward_peak() * n_tok
-            chunk = min(w.loss_chunk or n_tok, n_tok)
-            kept = sh.hidden * w.resid_bytes * n_tok * 2  # residual stream in and out
-            terms.append(
-                Term(
-                    "activations",
-                    act + kept + mask * self.batch_factor,
-                    "forward",
-                    "one block at a time (no graph)",
-                )
-            )
-            # Logits and log-softmax of one chunk. A perturbed head runs in vocabulary blocks
-            # instead, but measured peaks (Gemma-3's 262k vocabulary: ~0.5 GB above the
-            # decoder's) match this term better than the blocks' own size; kept as measured.
-            loss = 2 * chunk * sh.vocab * 4.0
-            terms.append(Term("loss buffer", loss, "forward", "one chunk of logits"))
+            terms += self._forward_only_terms(tokens * self.batch_factor, mask)
         terms += self.extra
         return Breakdown(
             model=names[0],
@@ -513,10 +412,127 @@ class Plan:
             work=w,
             terms=terms,
             trainable_params=sum(s.numel for s in self.trainable),
-            total_params=sh.total_params,
+            total_params=self.shape.total_params,
             notes=self.notes,
             flops_per_token=self.flops_per_token(),
         )
+
+    def _resident_terms(self) -> list[Term]:
+        """Runtime, base weights and new (adapter) weights: alive for the whole run."""
+        sh, w = self.shape, self.work
+        runtime = w.runtime if w.runtime is not None else RUNTIME_BYTES[w.device]
+        terms = [Term("runtime", runtime, "always", f"{w.device} framework")]
+        weights = sum(s.nbytes for s in self.base)
+        note = f"{sh.total_params / 1e9:.2f}B parameters at {w.weights}"
+        terms.append(Term("weights", weights, "always", note))
+        if self.new:
+            n_new = sum(s.numel for s in self.new)
+            terms.append(
+                Term("adapters", sum(s.nbytes for s in self.new), "always", f"{n_new:,} params")
+            )
+        return terms
+
+    def _backward_terms(self, tokens: int, mask: float) -> list[Term]:
+        """What autograd keeps for backward: block activations (or checkpoints and one
+        recomputed block), the final norm's and head's inputs, one block's backward transients."""
+        sh, w = self.shape, self.work
+        start, into = self._grad_from()
+        n_blocks = 0 if start is None else sh.layers - start  # None: head / final norm only
+        blocks = range(sh.layers - n_blocks, sh.layers)
+        saved = {b: self._block_saved(b, into or b > blocks[0]) for b in blocks}
+        if w.checkpointing:
+            kept = n_blocks * sh.hidden * w.resid_bytes * tokens
+            worst = max(saved.values(), default=0.0)
+            recompute = worst * tokens if n_blocks else 0.0
+        else:
+            kept = sum(saved.values()) * tokens
+            recompute = 0.0
+        # the final norm keeps its input (and its normalised input when its weight
+        # trains); a trainable head's checkpointed chunks keep their rows
+        final = sh.hidden * w.resid_bytes * tokens if n_blocks or self.trainable else 0.0
+        if any(s.kind == "norm" and s.layer is None for s in self.trainable):
+            final += sh.hidden * w.resid_bytes * tokens
+        if self.head_trains():
+            final += sh.hidden * w.act_bytes * tokens
+        what = f"{n_blocks} blocks{' (checkpointed)' if w.checkpointing else ''}"
+        terms = [Term("activations", kept + final + mask * n_blocks, "backward", what)]
+        if recompute:
+            terms.append(Term("recompute", recompute, "backward", "one block rebuilt"))
+        if n_blocks:
+            transient = self._backward_transient() * tokens
+            terms.append(
+                Term("backward transients", transient, "backward", "gradients through one block")
+            )
+        return terms
+
+    def _loss_and_gradient_terms(self, tokens: int) -> list[Term]:
+        """The chunked loss's buffer, autocast's 16-bit weight copies and the gradients."""
+        sh, w = self.shape, self.work
+        chunk = min(w.loss_chunk or tokens, tokens)
+        v = sh.vocab
+        if self.head_trains():
+            # logits recomputed in backward: logits, log-softmax, their gradients (fp32)
+            loss = 4 * chunk * v * 4.0
+            what = "logits recomputed per chunk (head trains)"
+        else:
+            # one fp32 logits buffer per chunk, the softmax formed in place; the input
+            # gradient (tokens x hidden) is kept for backward
+            loss = chunk * v * 4.0 + (chunk * v * 2 if w.param_bytes < 4 else 0)
+            loss += tokens * sh.hidden * w.act_bytes
+            what = "one chunk of fp32 logits (frozen head)"
+        if not w.loss_chunk:
+            what += ", not chunked"
+        terms = [Term("loss buffer", loss, "backward", what)]
+        if w.mixed_precision != "no" and w.param_bytes == 4:
+            cast = sum(s.numel for s in self.trainable if s.kind != "adapter") * 2.0
+            terms.append(
+                Term("autocast copies", cast, "backward", "16-bit copies of trainable weights")
+            )
+        if self.grads == "all":
+            terms.append(
+                Term(
+                    "gradients",
+                    sum(s.nbytes for s in self.trainable),
+                    "step",
+                    "every trainable tensor",
+                )
+            )
+            if self.head_trains():
+                # allocated when the loss backward starts; every later chunk's gradient of
+                # the head exists once more before it is added
+                head = [s for s in self.trainable if s.kind in ("head", "embedding")]
+                head_grad = 2 * max(s.nbytes for s in head)
+                if head_grad:
+                    terms.append(
+                        Term("gradients", head_grad, "backward", "output head's, and one chunk's")
+                    )
+        elif self.grads == "per-tensor":
+            biggest = max((s.nbytes for s in self.trainable), default=0.0)
+            terms.append(
+                Term("gradients", biggest, "backward", "one tensor at a time (layer-wise)")
+            )
+        return terms
+
+    def _forward_only_terms(self, n_tok: int, mask: float) -> list[Term]:
+        """No graph (zeroth-order): one block's forward at a time and one chunk of logits."""
+        sh, w = self.shape, self.work
+        act = self._block_forward_peak() * n_tok
+        chunk = min(w.loss_chunk or n_tok, n_tok)
+        kept = sh.hidden * w.resid_bytes * n_tok * 2  # residual stream in and out
+        terms = [
+            Term(
+                "activations",
+                act + kept + mask * self.batch_factor,
+                "forward",
+                "one block at a time (no graph)",
+            )
+        ]
+        # Logits and log-softmax of one chunk. A perturbed head runs in vocabulary blocks
+        # instead, but measured peaks (Gemma-3's 262k vocabulary: ~0.5 GB above the
+        # decoder's) match this term better than the blocks' own size; kept as measured.
+        loss = 2 * chunk * sh.vocab * 4.0
+        terms.append(Term("loss buffer", loss, "forward", "one chunk of logits"))
+        return terms
 
 
 def inference(shape: ModelShape, work: Workload, model_name: str = "") -> Breakdown:
@@ -550,7 +566,7 @@ def workload_of(cfg: Any, **fields: Any) -> Workload:
     described = dict(
         seq=cfg.data.max_seq_len,
         batch=tc.batch_size,
-        weights=cfg.model.dtype,
+        weights=cfg.base.name,
         mixed_precision=tc.mixed_precision,
         checkpointing=tc.gradient_checkpointing,
         loss_chunk=tc.loss_chunk_tokens,

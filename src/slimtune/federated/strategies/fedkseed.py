@@ -74,7 +74,7 @@ class FedKSeed(Strategy):
     def on_step(self, step, row) -> None:
         if row is None:
             return
-        (_, g, _), (_, idx, lr) = self.opt._last_terms[0], self.pending[-1]
+        (_, g, _), (_, idx, lr) = self.opt.last_terms[0], self.pending[-1]
         self.picks[idx] = self.picks.get(idx, 0.0) - lr * g
 
     def upload(self, start, end, local):

@@ -11,12 +11,14 @@ the step's micro-batches through a forward function.
   forward gradients).
 * ``forward.py``: the loss of each stacked copy, through ``loss.py``'s chunked cross-entropy or,
   for a perturbed output head, a block of vocabulary rows at a time.
+* ``estimators.py``: the projected gradient along one z (two-point, one-sided, forward-gradient)
+  as small classes.
 * ``rules.py``: the update rules (sgd, momentum, sign, adam, cons) as small classes.
-* ``optimizer.py``: the estimate (two-point, one-sided, forward-gradient; samples, blocks) and
-  the chunked update.
+* ``optimizer.py``: the estimate (samples, blocks) and the chunked update.
 * ``methods.py``: the registered methods and their options.
 """
 
+from .estimators import Estimator, ForwardMode, OneSided, TwoPoint, estimator_for
 from .forward import HEAD_BLOCK, SegmentForward
 from .methods import (
     ForwardGrad,
@@ -33,8 +35,8 @@ from .optimizer import ZerothOrderOptimizer
 from .perturbation import Pass, Perturber, Unstackable
 from .rules import SGD, Adam, Cons, Momentum, Sign, UpdateRule
 
-# The names before the split into modules (tests, federated/seeds.py).
-_Tensor, _Pass, _table, _words, _Unstackable = PerturbedTensor, Pass, table, words, Unstackable
+# The names before the split into modules, kept for tests/test_zo.py only (use the public ones).
+_Tensor, _Pass, _table, _words = PerturbedTensor, Pass, table, words
 
 __all__ = [
     "CHUNK",
@@ -43,16 +45,20 @@ __all__ = [
     "SGD",
     "Adam",
     "Cons",
+    "Estimator",
     "ForwardGrad",
+    "ForwardMode",
     "MeZO",
     "Momentum",
     "Noise",
+    "OneSided",
     "Pass",
     "PerturbedTensor",
     "Perturber",
     "SegmentForward",
     "Sign",
     "SparseMeZO",
+    "TwoPoint",
     "UpdateRule",
     "Unstackable",
     "ZOAdam",
@@ -61,6 +67,7 @@ __all__ = [
     "ZOSign",
     "ZerothOrder",
     "ZerothOrderOptimizer",
+    "estimator_for",
     "table",
     "words",
 ]

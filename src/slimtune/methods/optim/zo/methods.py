@@ -14,6 +14,7 @@ from torch import nn
 from ....errors import SlimtuneError
 from ....registry import register
 from ...base import OptimizerMethod, StepContext, StepResult, check_betas
+from .estimators import estimator_for
 from .noise import CHUNK, POOL_BLOCK
 from .optimizer import ZerothOrderOptimizer
 from .rules import SGD, Adam, Cons, Momentum, Sign, UpdateRule
@@ -81,8 +82,8 @@ class ZerothOrder(OptimizerMethod):
         if self.sparse:  # per-tensor |w| quantile: an fp32 |w| and kthvalue's work (<= CHUNK)
             temp = max(temp, min(max(s.numel for s in plan.trainable), CHUNK) * 12.0)
         plan.add("temporaries", temp, "forward", "one module's perturbed weight / z chunk")
-        if c.estimator == "forward-grad":  # attention falls back to the math path under
-            w = plan.work  # forward AD: scores, masked scores, softmax, each with a tangent
+        if estimator_for(c.estimator).forward_ad:  # attention falls back to the math path
+            w = plan.work  # under forward AD: scores, masked scores, softmax, each with a tangent
             att = 6 * w.batch * plan.shape.heads * w.seq * w.seq * 4.0
             plan.add("activations", att, "forward", "attention matrices of one block (dual)")
             if not plan.head_trains():  # a frozen head's chunk of logits carries a tangent

@@ -13,6 +13,7 @@ from torch import nn
 
 from ....loss import _innermost, find_head
 from ....memory import trim_heap
+from .estimators import estimator_for
 from .forward import SegmentForward
 from .noise import CHUNK, PerturbedTensor
 from .perturbation import Pass, Perturber
@@ -30,7 +31,8 @@ def _block_of(name: str) -> str:
 
 
 class ZerothOrderOptimizer(torch.optim.Optimizer):
-    """Gradient estimate from forward passes, then an update rule (see ``rules.py``).
+    """Gradient estimate from forward passes (see ``estimators.py``), then an update rule (see
+    ``rules.py``).
     ``step(closure)``: ``closure(forward)`` runs this step's micro-batches through
     ``forward(batch) -> per-copy loss sums`` and returns them summed over micro-batches and
     processes and divided by the step's target tokens."""
@@ -48,6 +50,7 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
         super().__init__(groups, {"lr": cfg.lr, "weight_decay": cfg.weight_decay})
         self.param_groups[0].setdefault("zo_step", 0)
         self.cfg, self.model, self.rule = cfg, model, rule(cfg)
+        self.estimator = estimator_for(cfg.estimator)(cfg)
         names = {id(p): n for n, p in model.named_parameters()}
         self.tensors: list[PerturbedTensor] = []
         for gi, g in enumerate(self.param_groups):
@@ -71,6 +74,20 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
         # A federated runner (FedKSeed) may choose each step's noise key from a shared set of
         # candidates: ``key_source(step) -> key`` (one sample, one block).
         self.key_source: Callable[[int], tuple[int, int]] | None = None
+
+    @property
+    def last_terms(self) -> list[tuple[tuple[int, int], float, dict[int, PerturbedTensor]]]:
+        """The terms of the last step's estimate sum(coefficient * z_key), one per sample and
+        block: (key, coefficient, active). ``key`` is the noise key (seed, counter word) of z;
+        ``coefficient`` the projected gradient g (the loss's derivative along z) divided by
+        ``samples``; ``active`` the perturbed tensors (id(param) -> PerturbedTensor). Empty
+        before the first step; set even when a non-finite estimate skipped the update."""
+        return list(self._last_terms)
+
+    def add_terms(self, terms: list[tuple[tuple[int, int], float, dict[int, Any]]]) -> None:
+        """w += sum(coefficient * z_key) over ``terms`` (shaped as :attr:`last_terms`), with no
+        update rule: FedKSeed rebuilds its weights from the accumulated scalars this way."""
+        self._apply(terms, add=True)
 
     @property
     def loss_chunk_tokens(self) -> int:
@@ -154,29 +171,14 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
     def _estimate(self, closure: Callable, step: int):
         """Loss at the current weights and the terms (key, coefficient, tensors) of the
         estimated gradient sum(coefficient * z_key)."""
-        c, eps = self.cfg, self.cfg.eps
-        blocks = self._blocks()
-        n = c.samples
+        est, blocks, n = self.estimator, self._blocks(), self.cfg.samples
         terms, losses, projected = [], [], []
-        base = self._here = None
-        if c.estimator == "one-sided":
-            base = self._losses(closure, Pass(self._key(step, 0, 0), [0.0]))[0]
+        self._here = None
+        base = est.base(self, closure, step)
         for i in range(n):
             for bi, active in enumerate(blocks):
                 key = self._key(step, i + 1, bi)
-                if c.estimator == "forward-grad":
-                    primal, jvp = self._losses(closure, Pass(key, [1.0], dual=True, active=active))
-                    g, center = jvp, primal
-                elif c.estimator == "one-sided":
-                    plus = self._losses(closure, Pass(key, [eps], active=active))[0]
-                    g, center = (plus - base) / eps, base
-                else:
-                    centre = self.rule.probes_centre
-                    scales = [eps, -eps, 0.0] if centre else [eps, -eps]
-                    out = self._losses(closure, Pass(key, scales, active=active))
-                    g, center = (out[0] - out[1]) / (2 * eps), (out[0] + out[1]) / 2
-                    if centre:
-                        self._here = out[2]
+                g, center = est.probe(self, closure, key, active, base)
                 terms.append((key, g / n, active))
                 losses.append(center)
                 projected.append(g)
