@@ -25,7 +25,7 @@ from .config import RunConfig
 from .data import Batches, Splits, load_splits, total_steps
 from .errors import SlimtuneError
 from .loss import Head, find_head
-from .memory import trim_after_blocks
+from .memory import optimizer_state_bytes, peak_bytes, trim_after_blocks
 from .methods.base import Objective, OptimizerMethod, ParamsMethod, PrepareContext
 from .models import load_recipe_model, pick_device
 
@@ -212,3 +212,34 @@ def _trims(model: torch.nn.Module) -> list[Any]:
     if not trims:
         log.warning("train.trim_memory: not glibc or no transformer blocks; no effect")
     return trims
+
+
+def run_summary(
+    cfg: RunConfig,
+    p: Parts,
+    acc: Accelerator,
+    steps: int,
+    train_loss: float,
+    tokens: int,
+    train_seconds: float,
+) -> dict[str, Any]:
+    """summary.json's account of the training itself: what ran, how far, how fast and in how
+    much memory (the loop adds the held-out evaluations and the wall time)."""
+    n = p.n_trainable
+    return {
+        "params": cfg.params.name,
+        "optimizer": cfg.optimizer.name,
+        "model": cfg.model.name,
+        "steps": steps,
+        "processes": acc.num_processes,
+        "train_loss": train_loss,
+        "trainable_params": n,
+        "total_params": p.n_total,
+        "trainable_fraction": n / p.n_total,
+        "tokens": tokens,
+        "train_seconds": train_seconds,
+        "tokens_per_s": tokens / train_seconds if train_seconds else 0.0,
+        "peak_memory_bytes": peak_bytes(acc.device),
+        "optimizer_state_bytes": optimizer_state_bytes(p.optimizer),
+        "device": str(acc.device),
+    }

@@ -490,8 +490,8 @@ def main(argv: list[str] | None = None) -> int:
         where = f"{e.filename}: " if e.filename else ""
         print(f"slimtune: error: {where}{e.strerror or e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("slimtune: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:  # errors.Interrupted says where the run stopped
+        print(f"slimtune: interrupted{f': {e}' if str(e) else ''}", file=sys.stderr)
         return 130
 
 

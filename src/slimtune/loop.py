@@ -22,12 +22,13 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from . import checkpoint, rundir
-from .assemble import LocalRound, RunResult, assemble, make_accelerator
+from .assemble import LocalRound, RunResult, assemble, make_accelerator, run_summary
 from .config import RunConfig
 from .data import Splits
-from .errors import TrainingDiverged
+from .errors import Interrupted, TrainingDiverged
 from .evaluate import evaluate
-from .memory import fmt_bytes, optimizer_state_bytes, peak_bytes, trim_heap
+from .interrupt import GracefulStop
+from .memory import fmt_bytes, peak_bytes, trim_heap
 from .methods.base import StepContext
 
 
@@ -138,20 +139,25 @@ class Run:
             total=self.p.steps, initial=self.step, disable=not show, desc="train", unit="step"
         )
         self.last_loss = float("nan")
-        while self.step < self.p.steps:
-            row = self.train_step()
-            if self.step % tc.log_every == 0 or self.step == self.p.steps:
-                self.log(row)
-            peak = fmt_bytes(peak_bytes(self.acc.device))
-            tok_s = f"{row['tokens_per_s']:.0f}"
-            self.bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=tok_s, peak=peak)
-            self.bar.update(1)
-            if tc.eval_every and self.step % tc.eval_every == 0 and self.step < self.p.steps:
-                self.evaluate(f"step-{self.step}")
-            if tc.save_every and self.step % tc.save_every == 0:
-                self.save()
-            if self.on_step is not None:
-                self.on_step(self.step, self.p.plain, row)
+        # Ctrl-C / SIGTERM: stop after this step with a checkpoint (a federated round has none)
+        with GracefulStop(enabled=self.local is None) as stop:
+            while self.step < self.p.steps:
+                row = self.train_step()
+                if self.step % tc.log_every == 0 or self.step == self.p.steps:
+                    self.log(row)
+                peak = fmt_bytes(peak_bytes(self.acc.device))
+                tok_s = f"{row['tokens_per_s']:.0f}"
+                self.bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=tok_s, peak=peak)
+                self.bar.update(1)
+                if tc.eval_every and self.step % tc.eval_every == 0 and self.step < self.p.steps:
+                    self.evaluate(f"step-{self.step}")
+                saved = bool(tc.save_every) and self.step % tc.save_every == 0
+                if saved:
+                    self.save()
+                if self.on_step is not None:
+                    self.on_step(self.step, self.p.plain, row)
+                if stop.requested(self.acc):
+                    self.stop(saved)
         self.bar.close()
         for handle in self.p.trims:
             handle.remove()
@@ -239,6 +245,16 @@ class Run:
             )
         self.acc.wait_for_everyone()
 
+    def stop(self, saved: bool) -> None:
+        """A signal asked to stop: checkpoint this step (if not done yet) and say how to go on."""
+        if not saved:
+            self.save()
+        self.bar.close()
+        raise Interrupted(
+            f"stopped after step {self.step} of {self.p.steps}; "
+            f"{checkpoint.last_good(self.ckpt_root)}; continue with resume=true"
+        )
+
     def check_finite(self) -> None:
         checkpoint.check_finite(
             self.p.method.trainable_state(self.p.plain), self.step, self.ckpt_root
@@ -246,28 +262,12 @@ class Run:
 
     # --- results -----------------------------------------------------------------------------
     def finish(self, t_start: float) -> RunResult:
-        eval_after = self.evaluate("after")
-        acc, n = self.acc, self.p.n_trainable
-        summary = {
-            "params": self.cfg.params.name,
-            "optimizer": self.cfg.optimizer.name,
-            "model": self.cfg.model.name,
-            "steps": self.step,
-            "processes": acc.num_processes,
-            "train_loss": self.last_loss,
-            "trainable_params": n,
-            "total_params": self.p.n_total,
-            "trainable_fraction": n / self.p.n_total,
-            "tokens": self.tokens_seen,
-            "train_seconds": self.train_seconds,
-            "tokens_per_s": self.tokens_seen / self.train_seconds if self.train_seconds else 0.0,
-            "peak_memory_bytes": peak_bytes(acc.device),
-            "optimizer_state_bytes": optimizer_state_bytes(self.p.optimizer),
-            "device": str(acc.device),
-            "eval_before": self.eval_before,
-            "eval_after": eval_after,
-            "wall_seconds": time.perf_counter() - t_start,
-        }
+        eval_after, acc = self.evaluate("after"), self.acc
+        summary = run_summary(
+            self.cfg, self.p, acc, self.step, self.last_loss, self.tokens_seen, self.train_seconds
+        )
+        summary |= {"eval_before": self.eval_before, "eval_after": eval_after}
+        summary["wall_seconds"] = time.perf_counter() - t_start
         self.check_finite()
         if self.main and self.local is None:
             checkpoint.publish(
