@@ -11,6 +11,12 @@ worst ratio; target: every ratio within 15% (0.85-1.15).
         --out bench-out/plan_accuracy.md
 
 About 30-60 s a row on 2 cores (model load, calibration where a method has one, 3 steps).
+
+``--recipe FILE [--set key=value ...]`` instead measures one recipe as written (its own data,
+batch and ``train.trim_memory``), with ``train.steps`` = ``--steps``, no evaluation before and a
+small one after (the training peak is reached in the first steps):
+
+    .venv/bin/python benchmarks/plan_accuracy.py --recipe src/slimtune/recipes/demo.yaml
 """
 
 from __future__ import annotations
@@ -92,6 +98,38 @@ def predict(model: str, params: str, optim: str, args: argparse.Namespace) -> An
     return plan(load_shape(PLAN_NAMES.get(model, model)), p, o, work, model)
 
 
+def one_recipe(args: argparse.Namespace) -> None:
+    """``--recipe``: the planned and measured peak of one recipe file, in a fresh process."""
+    from slimtune import config, registry
+    from slimtune.plan import format_breakdown, shape_for
+    from slimtune.plan.planner import plan, workload_of
+
+    work = args.work or Path(tempfile.mkdtemp(prefix="plan-accuracy-"))
+    overrides = [
+        f"train.steps={args.steps}",
+        "train.eval_before=false",
+        "train.progress=false",
+        "eval.max_examples=16",
+        "eval.generate=0",
+        f"output_dir={work / 'run'}",
+        "overwrite=true",
+        *args.set,
+    ]
+    cfg = config.load(args.recipe, overrides)
+    work.mkdir(parents=True, exist_ok=True)
+    res = run_worker(WORKER, str(args.recipe), cfg.to_dict(), work)
+    p, o = registry.build("params", cfg.params), registry.build("optimizer", cfg.optimizer)
+    pred = plan(shape_for(cfg.model.name), p, o, workload_of(cfg, steps=args.steps))
+    print(format_breakdown(pred))
+    marks = [(m["step"], round(m["rss"] / 2**30, 3)) for m in res["marks"]]
+    print(f"RSS after each step (GB): {marks}")
+    print(
+        f"{args.recipe} (train.trim_memory={cfg.train.trim_memory}, {args.steps} steps): "
+        f"planned {pred.peak / 2**30:.3f} GB, measured {res['peak_rss'] / 2**30:.3f} GB, "
+        f"ratio {pred.peak / res['peak_rss']:.3f}, {res['wall_s']:.0f} s"
+    )
+
+
 def read_measured(paths: list[Path]) -> dict[tuple[str, str, str], float]:
     """Measured peaks (bytes) by (model, params, optimizer) from earlier outputs."""
     out: dict[tuple[str, str, str], float] = {}
@@ -106,7 +144,7 @@ def read_measured(paths: list[Path]) -> dict[tuple[str, str, str], float]:
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="smollm2-135m")
     parser.add_argument(
@@ -126,10 +164,19 @@ def main(argv: list[str] | None = None) -> None:
         help="comma-separated logs/tables of earlier runs of this script: reuse their measured "
         "peaks (later files win) and only recompute the predictions",
     )
+    parser.add_argument("--recipe", type=Path, help="measure this one recipe file instead")
+    parser.add_argument("--set", action="append", default=[], help="--recipe: an override")
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
     if args.worker:
         worker(args.worker)
+        return
+    if args.recipe:
+        one_recipe(args)
         return
     pairs = [tuple(r.split("/")) for r in args.rows.split(",") if r] or rows()
     measured = read_measured([Path(f) for f in args.measured.split(",") if f])

@@ -95,3 +95,58 @@ def test_fresh_process_runner_returns_the_result_and_its_own_peak(tmp_path):
     assert res["echo"] == 3 and res["peak_rss"] > 64 * 2**20 and res["wall_s"] > 0
     with pytest.raises(SlimtuneError, match=r"(?s)toy failed \(log .*log.txt\):\nworker gave up"):
         bench.run_worker(cmd, "toy", {"fail": True}, tmp_path / "bad")
+
+
+QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+def test_a_method_that_is_the_recipes_own_keeps_the_recipes_options():
+    recipe = {
+        "params": {"name": "lora", "r": 2, "target_modules": QKVO},
+        "optimizer": {"name": "adamw", "lr": 3e-4},
+    }
+    specs = ["lora", "full", "lora+mezo", "galore", "lora:params.r=4", "adamw", "lisa"]
+    got = {e.label: bench.sections(recipe, e) for e in bench.parse_methods(specs)}
+    assert got["lora"] == recipe  # the recipe as written, its AdamW included
+    assert got["full"] == {"params": {"name": "full"}, "optimizer": {"name": "adamw"}}
+    assert got["lisa"]["optimizer"] == {"name": "adamw"}  # no lr chosen for LoRA
+    assert got["lora+mezo"] == {"params": recipe["params"], "optimizer": {"name": "mezo"}}
+    assert got["galore"] == {"params": {"name": "full"}, "optimizer": {"name": "galore"}}
+    assert got["lora (r=4)"]["params"] == {"name": "lora", "r": 4, "target_modules": QKVO}
+    assert got["adamw"] == {"params": {"name": "full"}, "optimizer": recipe["optimizer"]}
+    # a recipe without the sections: the defaults (full + adamw) are its own
+    (e,) = bench.parse_methods(["full"])
+    assert bench.sections({}, e) == {"params": {"name": "full"}, "optimizer": {"name": "adamw"}}
+
+
+def test_progress_rate_counts_the_loops_step_time_only():
+    rows = [
+        {"step": 1, "step_s": 2.0, "tokens_per_s": 100.0},
+        {"step": 2, "step_s": 1.0, "tokens_per_s": 400.0},
+    ]
+    assert bench.rate(rows, 5) == "1.50 s/step, 200 tokens/s, ETA 4 s"
+    assert bench.rate(rows, 2) == "1.50 s/step, 200 tokens/s"
+
+
+@pytest.mark.parametrize("flag", ["--methods", "--method"])
+def test_bench_runs_the_recipes_own_lora_with_either_spelling(tmp_path, cls_data, capsys, flag):
+    """``bench recipe.yaml --methods lora`` trains the recipe's LoRA (r 2 on q/k/v/o), not
+    LoRA's defaults (r 8 on q/v), and records it; s/step and tokens/s are the loop's."""
+    from slimtune.models import tiny_llama
+
+    params = {"name": "lora", "r": 2, "target_modules": QKVO}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(tiny_recipe(cls_data, tmp_path / "out", params=params)))
+    out = tmp_path / "report"
+    assert main(["bench", str(path), flag, "lora", "--steps", "1", "--out", str(out)]) == 0
+    (m,) = json.loads((out / "results.json").read_text())["methods"]
+    model = tiny_llama()
+    expected = sum(
+        2 * (mod.in_features + mod.out_features)
+        for name, mod in model.named_modules()
+        if name.rsplit(".", 1)[-1] in QKVO
+    )
+    assert m["trainable_params"] == expected
+    assert m["params"] == params and m["from_recipe"] == ["params", "optimizer"]  # lr 1e-2
+    assert m["s_per_step"] == pytest.approx(m["train_seconds"])  # one step
+    assert "| s/step |" in (out / "report.md").read_text()

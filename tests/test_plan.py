@@ -395,3 +395,59 @@ def test_budget_table_and_recipe_workload_from_the_library():
     assert row.startswith("yes   lora + adamw")
     n_fit = sum(r.fits for r in ranked)
     assert lines[-1] == f"{n_fit} of {len(ranked)} fit, largest trainable capacity first"
+
+
+def test_flops_per_token_by_hand():
+    """A frozen weight that gradients pass through costs 2 (forward) + 2 (input gradient)
+    FLOPs per token, a trainable one 2 more for its weight gradient; LoRA's A and B are
+    trainable matrices (6 each); attention 2 x seq x q per block forward, twice that backward."""
+    h, q, kv, i, v, layers, seq = 64, 64, 32, 128, 256, 2, W.seq
+    block = h * q + 2 * h * kv + q * h + 3 * h * i  # q, k, v, o, gate, up, down
+    dense = layers * block + v * h  # the tied head computes; the embedding is a lookup
+    attn = 2 * seq * q * layers
+    full = estimate(TINY, "full", "adamw", W)
+    assert full.flops_per_token == 6 * dense + 3 * attn
+    r = 2
+    adapters = layers * r * ((h + q) + 2 * (h + kv) + (q + h))  # A r x in, B out x r
+    spec = {"name": "lora", "r": r, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
+    lora = estimate(TINY, spec, "adamw", W)
+    assert lora.trainable_params == adapters
+    assert lora.flops_per_token == 4 * dense + 3 * attn + 6 * adapters
+    zo = estimate(TINY, "full", "mezo", W)  # two forwards of the batch, no backward
+    assert zo.flops_per_token == 2 * (2 * dense + attn)
+
+
+def test_cpu_plan_names_the_trim_memory_setting_it_assumes(capsys, tmp_path):
+    from slimtune import config
+    from slimtune.cli import main
+    from slimtune.plan.planner import workload_of
+
+    trimmed = estimate(TINY, "lora", "adamw", W)
+    untrimmed = estimate(TINY, "lora", "adamw", replace(W, trim_memory=False))
+    assert untrimmed.peak == trimmed.peak  # live memory either way; the note names the setting
+    (note,) = untrimmed.notes
+    assert "train.trim_memory=true" in note and "leaves off" in note
+    bound = untrimmed.peak + terms(untrimmed)["activations"]
+    assert f"expect up to {bound / GB:.2f} GB" in note
+    assert "train.trim_memory=true" in trimmed.notes[0]
+    assert not estimate(TINY, "lora", "adamw", replace(W, device="cuda")).notes
+    cfg = config.load(None, ["data.path=x", "train.trim_memory=true"])
+    assert (
+        workload_of(cfg).trim_memory
+        and not workload_of(config.load(None, ["data.path=x"])).trim_memory
+    )
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: {name: smollm2-135m, device: cpu}\ndata: {path: x.jsonl}\n")
+    assert main(["plan", str(recipe)]) == 0
+    assert "note: peak assumes train.trim_memory=true (CPU), which this run leaves off" in (
+        capsys.readouterr().out
+    )
+
+
+@pytest.mark.parametrize("flag", ["--method", "--methods"])
+def test_plan_takes_both_spellings_of_the_method_option(capsys, flag):
+    from slimtune.cli import main
+
+    assert main(["plan", "--model", "smollm2-135m", flag, "lora,mezo", "--seq", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "lora + adamw on smollm2-135m" in out and "full + mezo on smollm2-135m" in out

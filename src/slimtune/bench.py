@@ -30,13 +30,19 @@ from .errors import SlimtuneError
 GB = 1024**3
 
 
+AXES = ("params", "optimizer")
+DEFAULT_METHODS = {"params": "full", "optimizer": "adamw"}
+
+
 @dataclass
 class Entry:
-    """One method of a bench: a label and the recipe sections it replaces."""
+    """One method of a bench: a label, the recipe sections it replaces and the axes its spec
+    names (``lora``: params; ``galore``: optimizer; ``lora+mezo``: both)."""
 
     label: str
     params: dict[str, Any]
     optimizer: dict[str, Any]
+    named: tuple[str, ...] = AXES
 
 
 def parse_methods(specs: list[str]) -> list[Entry]:
@@ -66,7 +72,8 @@ def parse_methods(specs: list[str]) -> list[Entry]:
             target[field] = v
         short = ", ".join(x.split(".", 1)[-1].strip() for x in opts.split(";") if x.strip())
         label = name.strip() + (f" ({short})" if short else "")
-        out.append(Entry(label, params, optim))
+        named = AXES if "+" in name else ("params",) if p == name.strip() else ("optimizer",)
+        out.append(Entry(label, params, optim, named))
     labels = [e.label for e in out]
     if len(set(labels)) != len(labels):
         raise SlimtuneError(f"--methods: a method is listed twice: {', '.join(labels)}")
@@ -172,6 +179,11 @@ def run_worker(
     return res
 
 
+# tqdm's own rate and ETA would count the time between steps (evaluations, the process's
+# exit) as step time; the postfix shows the loop's own step times instead
+BAR = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]"
+
+
 def _run_one(
     entry: Entry, recipe: dict[str, Any], work: Path, bar_desc: str, steps: int
 ) -> dict[str, Any]:
@@ -179,18 +191,14 @@ def _run_one(
     from tqdm.auto import tqdm
 
     metrics = Path(recipe["output_dir"]) / "metrics.jsonl"
-    bar = tqdm(total=steps, desc=bar_desc, unit="step", leave=True)
+    bar = tqdm(total=steps, desc=bar_desc, unit="step", leave=True, bar_format=BAR)
     bar.set_postfix_str("loading, evaluating")
-    started = False
 
     def follow() -> None:
-        nonlocal started
-        done = _count_steps(metrics)
-        if done and not started:  # the rate starts with training, not with loading
-            bar.reset(total=steps)
-            bar.set_postfix_str("")
-            started = True
+        rows = _step_rows(metrics)
+        done = rows[-1]["step"] if rows else 0  # train.log_every may leave steps out
         if done > bar.n:
+            bar.set_postfix_str(rate(rows, steps), refresh=False)
             bar.update(done - bar.n)
 
     try:
@@ -200,12 +208,29 @@ def _run_one(
         bar.close()
 
 
-def _count_steps(metrics: Path) -> int:
+def _step_rows(metrics: Path) -> list[dict[str, Any]]:
+    """The training-step rows of a run's metrics.jsonl so far (evaluations left out)."""
     try:
-        with metrics.open() as f:
-            return sum(1 for line in f if '"eval"' not in line and line.strip())
+        lines = metrics.read_text().splitlines()
     except OSError:
-        return 0
+        return []
+    rows = []
+    for line in lines:
+        if line.strip() and '"eval"' not in line:
+            with contextlib.suppress(ValueError):  # a line being written
+                rows.append(json.loads(line))
+    return [r for r in rows if "step_s" in r]
+
+
+def rate(rows: list[dict[str, Any]], steps: int) -> str:
+    """'2.1 s/step, 250 tokens/s, ETA 15 s' from the loop's own step times (``step_s``: the
+    optimizer step alone, no evaluation, loading or checkpointing), not the wall clock."""
+    dt = sum(r["step_s"] for r in rows)
+    tokens = sum(r["tokens_per_s"] * r["step_s"] for r in rows)
+    per = dt / len(rows)
+    left = max(steps - rows[-1]["step"], 0)
+    eta = f", ETA {per * left:.0f} s" if left else ""
+    return f"{per:.2f} s/step, {tokens / dt:.0f} tokens/s{eta}"
 
 
 def worker(spec_path: str) -> None:
@@ -223,6 +248,33 @@ def worker(spec_path: str) -> None:
     Path(spec["result"]).write_text(json.dumps({"summary": result.summary, "curve": curve}))
 
 
+def _own(cfg_dict: dict[str, Any], axis: str) -> dict[str, Any]:
+    """The recipe's section of a method axis as a ``{name: ..., option: ...}`` spec."""
+    value = cfg_dict.get(axis)
+    if isinstance(value, str):
+        return {"name": value}
+    return {"name": DEFAULT_METHODS[axis], **(value or {})}
+
+
+def sections(cfg_dict: dict[str, Any], e: Entry) -> dict[str, dict[str, Any]]:
+    """The params and optimizer sections ``e`` runs with on the recipe ``cfg_dict``.
+
+    An axis whose method is the recipe's own keeps the recipe's options (the entry's options
+    over them) when the entry names that method, or when every method the entry names is the
+    recipe's own: ``lora`` on a LoRA + AdamW recipe runs that recipe's LoRA with its AdamW,
+    ``lora+mezo`` its LoRA with MeZO's defaults. Any other method starts from its defaults,
+    as ``config.merge`` treats an axis that names another method; so ``full`` on a LoRA +
+    AdamW recipe does not inherit a learning rate chosen for LoRA."""
+    own = {ax: _own(cfg_dict, ax) for ax in AXES}
+    mine = {"params": e.params, "optimizer": e.optimizer}
+    same = {ax: own[ax]["name"] == mine[ax]["name"] for ax in AXES}
+    whole = all(same[ax] for ax in e.named)
+    return {
+        ax: {**own[ax], **mine[ax]} if same[ax] and (ax in e.named or whole) else dict(mine[ax])
+        for ax in AXES
+    }
+
+
 def _recipes(
     cfg_dict: dict[str, Any], entries: list[Entry], out_dir: Path
 ) -> tuple[list[dict[str, Any]], list[Any], int]:
@@ -234,7 +286,7 @@ def _recipes(
         raise SlimtuneError(f"bench: --out {str(out_dir)!r} is not empty")
     recipes, cfgs = [], []
     for e in entries:
-        r = {**cfg_dict, "params": e.params, "optimizer": e.optimizer}
+        r = {**cfg_dict, **sections(cfg_dict, e)}
         cfgs.append(config.from_dict(r))
         recipes.append(r)
     steps = cfgs[0].train.steps
@@ -243,17 +295,20 @@ def _recipes(
     return recipes, cfgs, steps
 
 
-def _result(e: Entry, res: dict[str, Any], cfg: Any, peak: float) -> dict[str, Any]:
-    """One method's entry of results.json, from its worker's result and the planner."""
+def _result(e: Entry, res: dict[str, Any], r: dict[str, Any], cfg: Any) -> dict[str, Any]:
+    """One method's entry of results.json, from its worker's result, its recipe ``r`` and the
+    planner (``utilisation`` is filled in once the GEMM peak is final)."""
     s = res["summary"]
     pred = _predict(cfg)
     cuda = s["device"].startswith("cuda")
     measured = s["peak_memory_bytes"] if cuda else res["peak_rss"]
     flops = pred.flops_per_token if pred is not None else None
+    steps = cfg.train.steps or max(len(res["curve"]), 1)
     return {
         "label": e.label,
-        "params": e.params,
-        "optimizer": e.optimizer,
+        "params": r["params"],  # as run: the recipe's own options where the method is its own
+        "optimizer": r["optimizer"],
+        "from_recipe": [ax for ax in AXES if r[ax] != getattr(e, ax)],
         "curve": res["curve"],
         "final_loss": s["train_loss"],
         "eval_before": s["eval_before"],
@@ -261,9 +316,10 @@ def _result(e: Entry, res: dict[str, Any], cfg: Any, peak: float) -> dict[str, A
         "peak_bytes": measured,
         "peak_kind": "max allocated" if cuda else "peak RSS",
         "predicted_peak_bytes": pred.peak if pred is not None else None,
-        "tokens_per_s": s["tokens_per_s"],
+        "tokens_per_s": s["tokens_per_s"],  # the loop's: optimizer steps only, no evaluation
+        "s_per_step": s["train_seconds"] / steps,
         "flops_per_token": flops,
-        "utilisation": (flops * s["tokens_per_s"] / peak) if flops else None,
+        "utilisation": None,
         "trainable_params": s["trainable_params"],
         "train_seconds": s["train_seconds"],
         "wall_seconds": res["wall_s"],
@@ -276,7 +332,6 @@ def _run_all(
     recipes: list[dict[str, Any]],
     cfgs: list[Any],
     out_dir: Path,
-    peak: float,
     steps: int,
     keep_runs: bool,
 ) -> list[dict[str, Any]]:
@@ -295,7 +350,7 @@ def _run_all(
         )
         if not keep_runs:  # the trained weights of every method would fill the disk
             shutil.rmtree(r["output_dir"], ignore_errors=True)
-        results.append(_result(e, res, c, peak))
+        results.append(_result(e, res, r, c))
     return results
 
 
@@ -313,7 +368,13 @@ def run(
     print(f"bench: measuring the GEMM peak ({dtype}) ...", flush=True)
     peak = gemm_peak(dtype, gemm_seconds)
     print(f"bench: GEMM peak {peak / 1e9:.0f} GFLOP/s; {len(entries)} methods x {steps} steps")
-    results = _run_all(entries, recipes, cfgs, out_dir, peak, steps, keep_runs)
+    results = _run_all(entries, recipes, cfgs, out_dir, steps, keep_runs)
+    # measured again after the runs: a peak taken while something else shared the cores would
+    # be low and the utilisation too high; the larger of the two is the machine's
+    peak = max(peak, gemm_peak(dtype, gemm_seconds))
+    for m in results:
+        if m["flops_per_token"]:
+            m["utilisation"] = m["flops_per_token"] * m["tokens_per_s"] / peak
     report = {
         "model": cfgs[0].model.name,
         "dtype": dtype,
@@ -352,30 +413,31 @@ def markdown(report: dict[str, Any]) -> str:
         f"{report['gemm_peak_flops'] / 1e9:.0f} GFLOP/s.",
         "",
         f"| method | trainable | final loss | held-out {metric} before | after | peak GB "
-        "| planned GB | tokens/s | utilisation | wall s |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| planned GB | s/step | tokens/s | utilisation | wall s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for m in ms:
-        pred = m["predicted_peak_bytes"]
-        util = m["utilisation"]
+        pred, util = m["predicted_peak_bytes"], m["utilisation"]
+        planned = f"{pred / GB:.2f}" if pred is not None else "-"
         lines.append(
             f"| {m['label']} | {m['trainable_params']:,} | {m['final_loss']:.4f} "
             f"| {_metric(m['eval_before'])} | {_metric(m['eval_after'])} "
-            f"| {m['peak_bytes'] / GB:.2f} | {pred / GB:.2f} | {m['tokens_per_s']:.0f} "
-            f"| {100 * util:.1f}% | {m['wall_seconds']:.0f} |"
-            if pred is not None and util is not None
-            else f"| {m['label']} | {m['trainable_params']:,} | {m['final_loss']:.4f} "
-            f"| {_metric(m['eval_before'])} | {_metric(m['eval_after'])} "
-            f"| {m['peak_bytes'] / GB:.2f} | - | {m['tokens_per_s']:.0f} | - "
+            f"| {m['peak_bytes'] / GB:.2f} | {planned} | {m.get('s_per_step', 0):.2f} "
+            f"| {m['tokens_per_s']:.0f} | {f'{100 * util:.1f}%' if util is not None else '-'} "
             f"| {m['wall_seconds']:.0f} |"
         )
+    inherited = [
+        f"{m['label']} ({', '.join(m['from_recipe'])})" for m in ms if m.get("from_recipe")
+    ]
     lines += [
         "",
+        *([f"Run with the recipe's own options: {'; '.join(inherited)}.", ""] if inherited else []),
         f"Peak: {ms[0]['peak_kind']} of the method's process (evaluation included). Planned: "
         "`slimtune plan` for the same recipe, which prices every batch at data.max_seq_len "
-        "(padded batches are usually shorter, so measured peaks can fall below). Utilisation: "
-        "model FLOPs per token (planner) x tokens/s / GEMM peak; tokens/s counts non-padding "
-        "tokens.",
+        "(padded batches are usually shorter, so measured peaks can fall below). s/step and "
+        "tokens/s: the optimizer steps alone (evaluation, loading and saving excluded). "
+        "Utilisation: model FLOPs per token (planner) x tokens/s / GEMM peak (the larger of "
+        "two measurements, before and after the methods); tokens/s counts non-padding tokens.",
         "",
         "![loss](loss.png)",
         "",

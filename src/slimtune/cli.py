@@ -18,22 +18,19 @@ from .errors import SlimtuneError, TrainingDiverged
 EXIT_USAGE = 2
 
 
-def _fmt(v: Any) -> str:
-    return f"{v:.4f}" if isinstance(v, float) else str(v)
-
-
 def _is_main() -> bool:
     """Under ``accelerate launch`` only the first process prints the report."""
     return int(os.environ.get("RANK", "0")) == 0
 
 
 def _print_held_out(summary: dict[str, Any]) -> None:
+    """Held-out before/after; for classification also per-class accuracy, the majority-class
+    baseline, the confusion matrix after training and a warning when it collapsed to one label."""
+    from .evaluate import held_out_lines
+
     before, after = summary.get("eval_before") or {}, summary.get("eval_after") or {}
-    keys = [k for k in ("accuracy", "loss", "perplexity") if k in before or k in after]
-    if keys:
-        print(f"{'held-out':<12}{'before':>10}{'after':>10}")
-        for k in keys:
-            print(f"{k:<12}{_fmt(before.get(k, '-')):>10}{_fmt(after.get(k, '-')):>10}")
+    for line in held_out_lines({"before": before, "after": after}):
+        print(line)
 
 
 def print_report(summary: dict[str, Any]) -> None:
@@ -155,7 +152,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
         progress=cfg.train.progress,
         desc="eval",
     )
-    print(json.dumps({"examples": len(examples), **metrics}, indent=1))
+    n = min(len(examples), cfg.eval.max_examples or len(examples))  # what evaluate() scored
+    print(json.dumps({"examples": n, **metrics}, indent=1))
+    from .evaluate import held_out_lines
+
+    # The table and a collapse warning for a reader, on stderr: stdout stays one JSON document.
+    for line in held_out_lines({"eval": metrics}):
+        print(line, file=sys.stderr)
     return 0
 
 
@@ -168,6 +171,10 @@ def cmd_merge(args: argparse.Namespace) -> int:
     quiet_libraries()
     _, model, tok, method = _load_run(Path(args.run_dir), [])
     merged = method.merge(model)
+    if args.dtype is not None:
+        from .models import DTYPES
+
+        merged = merged.to(DTYPES[args.dtype])  # folded at the run's precision, then cast once
     tmp = atomic_dir(out)
     try:
         merged.save_pretrained(tmp)
@@ -389,7 +396,7 @@ def _add_fed(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def _add_demo_eval_merge(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """demo, eval and merge: positional arguments only."""
+    """demo, eval and merge."""
     d = sub.add_parser(
         "demo", help="LoRA on the bundled SmolLM2-135M, SST-2, held-out accuracy before/after"
     )
@@ -404,6 +411,12 @@ def _add_demo_eval_merge(sub: argparse._SubParsersAction[argparse.ArgumentParser
     m = sub.add_parser("merge", help="fold a run's adapter into plain Hugging Face weights")
     m.add_argument("run_dir")
     m.add_argument("out")
+    m.add_argument(
+        "--dtype",
+        choices=["fp32", "bf16", "fp16"],
+        help="dtype of the written weights (default: the run's model.dtype); the merge itself "
+        "runs in that dtype or wider",
+    )
     m.set_defaults(fn=cmd_merge)
 
 
@@ -417,6 +430,8 @@ def _add_plan(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     pl.add_argument("--model", help="bundled config (e.g. llama-3-8b), config.json or model dir")
     pl.add_argument(
         "--method",
+        "--methods",  # bench's spelling
+        dest="method",
         action="append",
         default=[],
         help="params method, optimizer, or params+optimizer (e.g. lora, galore, lora+mezo); "
@@ -445,6 +460,8 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     b.add_argument("args", nargs="*", metavar="RECIPE.yaml [key=value ...]")
     b.add_argument(
         "--methods",
+        "--method",  # plan's spelling
+        dest="methods",
         action="append",
         default=[],
         help="comma-separated: params, optimizer or params+optimizer, each with optional "

@@ -43,7 +43,7 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     path: str = ""
-    """JSONL/JSON/CSV/Parquet file, a `datasets.save_to_disk` directory, or pkg:PACKAGE/sub/path for data shipped in an installed package."""
+    """JSONL/JSON/CSV/Parquet file, a `datasets.save_to_disk` directory, or pkg:PACKAGE/sub/path for data shipped in an installed package. Format text also reads a .txt file (one document per blank-line-separated block) or a directory of .txt files (one document per file, in file-name order)."""
     format: Literal["text", "alpaca", "messages", "classification", "preference"] = "text"
     """How records become prompt/response pairs."""
     split: str | None = None
@@ -56,10 +56,14 @@ class DataConfig:
     """classification: the answer text for label 0, 1, ...; the label column may also hold the words."""
     chat: bool = False
     """Wrap the prompt in the tokenizer's chat template (the response becomes the assistant turn)."""
+    chat_template: str | None = None
+    """Jinja chat template (the text, or a file holding it) for chat and format messages: for a tokenizer without one (e.g. from a GGUF file), or to replace the tokenizer's."""
     system: str | None = None
     """System message for chat prompts."""
     max_seq_len: int = 512
-    """Longest sequence in tokens; longer examples lose the start of their prompt first."""
+    """Longest sequence in tokens; what gives way in longer examples: see truncate."""
+    truncate: Literal["field", "prompt_start"] = "field"
+    """What gives way when an example is longer than max_seq_len. field: a prompt made from a template (alpaca, classification) keeps its wording and the answer, and its longest {column} value is cut from its end (the prompt start is cut only if the template alone is too long); prompt_start: the start of the prompt is cut. Prompts without a template lose their start either way."""
     packing: bool = False
     """Concatenate examples into blocks of max_seq_len (text and SFT formats)."""
     eval_path: str | None = None

@@ -10,10 +10,13 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import logging
 import math
 import random
+import statistics
+import string
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +27,7 @@ from .config import DataConfig
 from .errors import SlimtuneError
 
 IGNORE = -100
+log = logging.getLogger("slimtune.data")
 
 
 @dataclass
@@ -43,6 +47,9 @@ class Pair:
     choices: list[str] | None = None  # candidate responses scored at evaluation
     answer: int | None = None  # index of the right choice
     rejected: str | None = None  # preference data
+    # the prompt is template.format(**fields), as a user turn where the prompt is a list
+    template: str | None = None
+    fields: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -162,25 +169,86 @@ def _read_saved(path: Path, split: str | None) -> list[Record]:
         raise damaged(e) from None
 
 
+def _utf8(path: Path) -> str:
+    """A file's text; not UTF-8 -> one line naming the file, line and byte."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise SlimtuneError(
+            f"data file {str(path)!r} line {line}: not UTF-8 text (byte {e.start})"
+        ) from None
+
+
+def _read_txt(path: Path) -> list[Record]:
+    """One document per block of lines; blocks are separated by blank (whitespace-only) lines."""
+    out: list[Record] = []
+    block: list[str] = []
+    start = 0
+    lines = _utf8(path).replace("\r\n", "\n").split("\n")
+    for n, line in enumerate([*lines, ""], 1):
+        if line.strip():
+            start = start if block else n
+            block.append(line)
+        elif block:
+            out.append(Record({"text": "\n".join(block)}, f"data file {str(path)!r} line {start}"))
+            block = []
+    return out
+
+
+SAVED_DATASET_FILES = ("dataset_info.json", "state.json", "dataset_dict.json")
+
+
+def _read_dir(p: Path, path: str, split: str | None, fmt: str | None) -> list[Record]:
+    """A datasets.save_to_disk directory, or .txt files: one document per file, by file name."""
+    if any((p / name).exists() for name in SAVED_DATASET_FILES):
+        return _read_saved(p, split)
+    files = sorted(
+        (f for f in p.iterdir() if f.suffix.lower() == ".txt" and not f.name.startswith(".")),
+        key=lambda f: f.name,
+    )
+    if not files:
+        what = (
+            "empty directory" if not any(p.iterdir()) else "no .txt files and not a saved dataset"
+        )
+        raise SlimtuneError(
+            f"data: {path!r}: {what} (expected .txt files for format text, "
+            "or a datasets.save_to_disk directory)"
+        )
+    if fmt not in (None, "text"):
+        raise SlimtuneError(
+            f"data: {path!r}: a directory of .txt files is read with data.format=text, "
+            f"not format {fmt}"
+        )
+    docs = ((f, _utf8(f).replace("\r\n", "\n").rstrip("\n")) for f in files if f.is_file())
+    return [Record({"text": text}, f"data file {str(f)!r}") for f, text in docs if text.strip()]
+
+
 READERS: dict[str, Callable[[Path], list[Record]]] = {
     ".jsonl": _read_jsonl,
     ".json": _read_json,
     ".csv": _read_csv,
     ".parquet": _read_parquet,
+    ".txt": _read_txt,
 }
 
 
-def read_records(path: str, split: str | None = None) -> list[Record]:
+def read_records(path: str, split: str | None = None, fmt: str | None = None) -> list[Record]:
+    """A data path's records. ``fmt`` (data.format), when given, refuses .txt data but for text."""
     p = resolve_path(path)
     if p.is_dir():
-        return _read_saved(p, split)
+        return _read_dir(p, path, split, fmt)
     if not p.is_file():
         raise SlimtuneError(f"data: {path!r}: no such file or directory")
-    reader = READERS.get(p.suffix.lower())
-    if reader is None:
+    suffix = p.suffix.lower()
+    reader = READERS.get(suffix)
+    if reader is None or (suffix == ".txt" and fmt not in (None, "text")):
+        known = ", ".join(s for s in READERS if s != ".txt")
+        which = f" for format {fmt}" if reader is not None else ""
         raise SlimtuneError(
-            f"data file {path!r}: unknown extension {p.suffix!r}; use {', '.join(READERS)} "
-            "or a datasets.save_to_disk directory"
+            f"data file {path!r}: unknown extension {p.suffix!r}{which}; use {known}, "
+            ".txt (format text) or a datasets.save_to_disk directory"
         )
     try:
         return reader(p)
@@ -225,7 +293,8 @@ def _alpaca(rec: Record, cfg: DataConfig) -> Pair:
         user = instruction + (f"\n\n{extra}" if extra else "")
         return Pair([{"role": "user", "content": user}], output)
     template = cfg.template or (ALPACA_INPUT_TEMPLATE if extra else ALPACA_TEMPLATE)
-    return Pair(_fill(template, {"instruction": instruction, "input": extra}, rec), output)
+    fields = {"instruction": instruction, "input": extra}
+    return Pair(_fill(template, fields, rec), output, template=template, fields=fields)
 
 
 def _messages(rec: Record, cfg: DataConfig) -> Pair:
@@ -247,6 +316,8 @@ def _fill(template: str, row: dict[str, Any], rec: Record) -> str:
         raise SlimtuneError(
             f"{rec.where}: data.template names column {e.args[0]!r}, which the record lacks"
         ) from None
+    except (ValueError, IndexError, AttributeError) as e:
+        raise SlimtuneError(f"config: data.template: {template!r}: {e}") from None
 
 
 def _classification(rec: Record, cfg: DataConfig) -> Pair:
@@ -273,12 +344,14 @@ def _classification(rec: Record, cfg: DataConfig) -> Pair:
             )
     row = dict(rec.row)
     row.setdefault("text", _col(rec, cfg, "text", required=cfg.template is None))
-    prompt = _fill(cfg.template or "{text}\nAnswer:", row, rec)
+    template = cfg.template or "{text}\nAnswer:"
+    prompt = _fill(template, row, rec)
     if cfg.chat:
-        return Pair([{"role": "user", "content": prompt}], choices[answer], choices, answer)
+        user = [{"role": "user", "content": prompt}]
+        return Pair(user, choices[answer], choices, answer, template=template, fields=row)
     # Without a chat template the answer follows the prompt after a space.
     spaced = [" " + c for c in choices]
-    return Pair(prompt, spaced[answer], spaced, answer)
+    return Pair(prompt, spaced[answer], spaced, answer, template=template, fields=row)
 
 
 def _preference(rec: Record, cfg: DataConfig) -> Pair:
@@ -304,24 +377,60 @@ FORMATS: dict[str, Callable[[Record, DataConfig], Pair]] = {
 # ---------------------------------------------------------------------------------------------
 
 
+def _chat_template(value: str, tok: PreTrainedTokenizerBase) -> str:
+    """data.chat_template: the template's text, or the text of the file it names; checked."""
+    where = ""
+    if "{{" not in value and "{%" not in value:  # not a template: a file holding one
+        path = resolve_path(value)
+        if not path.is_file():
+            raise SlimtuneError(
+                f"config: data.chat_template: {value!r}: no such file "
+                "(give a Jinja chat template, or a file holding one)"
+            )
+        value, where = _utf8(path), f" ({str(path)!r})"
+    import jinja2
+
+    try:  # transformers' own Jinja environment, so its extensions are known
+        trial = [{"role": "user", "content": "hi"}]
+        tok.apply_chat_template(trial, chat_template=value, tokenize=False)
+    except jinja2.TemplateSyntaxError as e:
+        first = (str(e.message or "").splitlines() or ["syntax error"])[0]
+        raise SlimtuneError(
+            f"config: data.chat_template{where}: not a valid Jinja template "
+            f"(line {e.lineno}: {first})"
+        ) from None
+    except Exception:  # a template may refuse a lone user turn; real data decides
+        pass
+    return value
+
+
 class Tokenise:
     """Pair -> Example for one tokenizer and DataConfig."""
 
     def __init__(self, tok: PreTrainedTokenizerBase, cfg: DataConfig):
         self.tok, self.cfg = tok, cfg
-        if (cfg.chat or cfg.format == "messages") and not tok.chat_template:
+        # data.chat_template is passed to apply_chat_template; the tokenizer is left unchanged
+        self.template = _chat_template(cfg.chat_template, tok) if cfg.chat_template else None
+        if (cfg.chat or cfg.format == "messages") and not (self.template or tok.chat_template):
             raise SlimtuneError(
-                f"config: data.{'chat' if cfg.chat else 'format'}: the tokenizer has no chat template"
+                f"config: data.{'chat' if cfg.chat else 'format'}: the tokenizer has no chat "
+                "template; set data.chat_template to a Jinja chat template (or a file holding one)"
             )
 
     def ids(self, text: str, special: bool) -> list[int]:
         return self.tok(text, add_special_tokens=special)["input_ids"]
 
+    def text(self, ids: list[int]) -> str:
+        """Decoded ids; a character cut in half at the end is dropped."""
+        out = self.tok.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        return out.rstrip("\ufffd")
+
     def chat(self, msgs: list[dict[str, str]], generation_prompt: bool) -> list[int]:
         if self.cfg.system and msgs[0]["role"] != "system":
             msgs = [{"role": "system", "content": self.cfg.system}, *msgs]
+        own = {"chat_template": self.template} if self.template else {}
         text = self.tok.apply_chat_template(
-            msgs, tokenize=False, add_generation_prompt=generation_prompt
+            msgs, tokenize=False, add_generation_prompt=generation_prompt, **own
         )
         return self.ids(text, special=False)
 
@@ -360,6 +469,94 @@ class Tokenise:
         return Example(ids, labels)
 
 
+# ---------------------------------------------------------------------------------------------
+# Fitting examples into max_seq_len, and the report of what was cut
+# ---------------------------------------------------------------------------------------------
+
+# How an example was made to fit, in the order the report lists them.
+KINDS = ("field", "template", "prompt_start", "end")
+
+
+def _median(values: list[int]) -> str:
+    m = statistics.median(values)
+    return str(int(m)) if m == int(m) else f"{m:.1f}"
+
+
+@dataclass
+class Cuts:
+    """The examples of one split that were longer than data.max_seq_len, and what they lost.
+
+    ``tokens_cut[kind]`` holds one count per shortened example (its length before minus after):
+    field: a template's {column} values were shortened; template: the template alone was too
+    long, so the prompt start was cut; prompt_start: the prompt start was cut (data.truncate
+    prompt_start, or a prompt without a template); end: tokens after the prompt were cut too
+    (a response or conversation longer than max_seq_len). ``fields`` counts, per column, the
+    examples in which it was shortened.
+    """
+
+    examples: int = 0
+    tokens_cut: dict[str, list[int]] = field(default_factory=dict)
+    fields: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def cut(self) -> int:
+        return sum(len(v) for v in self.tokens_cut.values())
+
+    def add(self, kind: str, tokens: int, names: tuple[str, ...] = ()) -> None:
+        self.tokens_cut.setdefault(kind, []).append(tokens)
+        for name in names:
+            self.fields[name] = self.fields.get(name, 0) + 1
+
+    def describe(self) -> str:
+        """E.g. ``field {text} shortened (median 41, max 390 tokens cut)``."""
+        names = ", ".join(f"{{{n}}}" for n in self.fields)
+        words = {
+            "field": f"field{'s' if len(self.fields) > 1 else ''} {names} shortened",
+            "template": "template longer than max_seq_len: prompt start cut",
+            "prompt_start": "prompt start cut",
+            "end": "end cut",
+        }
+        parts = []
+        for kind in (k for k in KINDS if k in self.tokens_cut):
+            c = self.tokens_cut[kind]
+            many = f" in {len(c)}" if len(self.tokens_cut) > 1 else ""
+            parts.append(f"{words[kind]}{many} (median {_median(c)}, max {max(c)} tokens cut)")
+        return ", ".join(parts)
+
+
+@dataclass
+class Truncation:
+    """What load_splits cut to fit data.max_seq_len, per split; ``line()`` says it in one line."""
+
+    max_seq_len: int = 0
+    train: Cuts = field(default_factory=Cuts)
+    eval: Cuts = field(default_factory=Cuts)
+    blocks: bool = False  # format text or packing: sequences were split into blocks, not cut
+
+    @property
+    def cut(self) -> int:
+        return self.train.cut + self.eval.cut
+
+    def line(self) -> str:
+        n, tr, ev = self.max_seq_len, self.train, self.eval
+        if self.blocks:
+            return (
+                f"data: sequences split into blocks of max_seq_len={n} tokens, not cut "
+                f"({tr.examples} training, {ev.examples} held-out blocks)"
+            )
+        if not self.cut:
+            return (
+                f"data: no example longer than max_seq_len={n} "
+                f"({tr.examples} training, {ev.examples} held-out)"
+            )
+        out = f"data: {tr.cut} of {tr.examples} training examples longer than max_seq_len={n}"
+        if tr.cut:
+            out += f": {tr.describe()}"
+        if ev.cut:
+            out += f"; held-out: {ev.cut} of {ev.examples}: {ev.describe()}"
+        return out
+
+
 def _truncate(ex: Example, max_len: int) -> Example:
     """Drop the start of the prompt first, so the response (what is learnt) survives."""
     extra = len(ex.input_ids) - max_len
@@ -371,6 +568,72 @@ def _truncate(ex: Example, max_len: int) -> Example:
     ex.input_ids, ex.labels = ids[:max_len], labels[:max_len]
     ex.prompt_ids = ex.prompt_ids[cut:]
     return ex
+
+
+def _water_fill(keep: dict[str, int], excess: int) -> dict[str, int] | None:
+    """New token counts for the fields, ``excess`` fewer in all, taken from the longest first
+    (the longest is cut down to the next longest, then both together, ...); None if the fields
+    hold fewer than ``excess`` tokens."""
+    if sum(keep.values()) < excess:
+        return None
+
+    def cut(cap: int) -> int:
+        return sum(max(0, k - cap) for k in keep.values())
+
+    lo, hi = 0, max(keep.values())  # cut(lo) >= excess > cut(hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if cut(mid) >= excess else (lo, mid)
+    new = {n: min(k, hi) for n, k in keep.items()}
+    short = excess - cut(hi)  # fields at the cap ``hi`` give one token more, in order
+    for n in new:
+        if short > 0 and keep[n] >= hi:
+            new[n], short = hi - 1, short - 1
+    return new
+
+
+def _shorten_fields(
+    ex: Example, pair: Pair, tokenise: Tokenise, max_len: int
+) -> tuple[Example, tuple[str, ...]] | None:
+    """Cut the longest {column} values of the pair's template (whole tokens, from their end) and
+    re-tokenise, until the example fits; the names of the columns cut, or None if it cannot."""
+    assert pair.template is not None
+    names = []
+    for _, name, _, _ in string.Formatter().parse(pair.template):
+        value = pair.fields.get(name) if name else None
+        if isinstance(value, str) and value and name not in names:
+            names.append(name)
+    ids = {n: tokenise.ids(pair.fields[n], special=False) for n in names}
+    keep = {n: len(v) for n, v in ids.items()}
+    # Each pass removes at least the remaining excess from the fields (re-tokenising a shortened
+    # value may not give exactly the tokens kept), so the loop ends.
+    while (excess := len(ex.input_ids) - max_len) > 0:
+        if not keep or (new := _water_fill(keep, excess)) is None:
+            return None
+        keep = new
+        short = {n: tokenise.text(ids[n][:k]) for n, k in keep.items() if k < len(ids[n])}
+        prompt = pair.template.format(**{**pair.fields, **short})
+        if isinstance(pair.prompt, list):
+            prompt = [{"role": "user", "content": prompt}]
+        ex = tokenise(replace(pair, prompt=prompt))
+    return ex, tuple(n for n in names if keep[n] < len(ids[n]))
+
+
+def _fit(
+    ex: Example, pair: Pair, tokenise: Tokenise, cfg: DataConfig
+) -> tuple[Example, str, tuple[str, ...]]:
+    """An example longer than max_seq_len, shortened; the kind of cut (KINDS) and columns cut."""
+    kind = "prompt_start"
+    if cfg.truncate == "field" and pair.template is not None:
+        fitted = _shorten_fields(ex, pair, tokenise, cfg.max_seq_len)
+        if fitted is not None:
+            return fitted[0], "field", fitted[1]
+        kind = "template"
+    after_prompt = len(ex.input_ids) - len(ex.prompt_ids)
+    ex = _truncate(ex, cfg.max_seq_len)
+    if len(ex.input_ids) - len(ex.prompt_ids) < after_prompt:
+        kind = "end"
+    return ex, kind, ()
 
 
 def _blocks(examples: list[Example], size: int, pack: bool) -> list[Example]:
@@ -397,6 +660,7 @@ def _blocks(examples: list[Example], size: int, pack: bool) -> list[Example]:
 class Splits:
     train: list[Example]
     eval: list[Example]
+    truncation: Truncation = field(default_factory=Truncation)  # what was cut to fit
 
 
 def _pairs(records: list[Record], cfg: DataConfig) -> list[Pair]:
@@ -405,23 +669,36 @@ def _pairs(records: list[Record], cfg: DataConfig) -> list[Pair]:
     return [fmt(r, cfg) for r in records]
 
 
-def _examples(pairs: list[Pair], tok: PreTrainedTokenizerBase, cfg: DataConfig) -> list[Example]:
+def _examples(
+    pairs: list[Pair], tok: PreTrainedTokenizerBase, cfg: DataConfig
+) -> tuple[list[Example], Cuts]:
     tokenise = Tokenise(tok, cfg)
-    examples = [tokenise(p) for p in pairs]
     if cfg.format == "text" or cfg.packing:
-        return _blocks(examples, cfg.max_seq_len, cfg.packing)
-    return [_truncate(ex, cfg.max_seq_len) for ex in examples]
+        blocks = _blocks([tokenise(p) for p in pairs], cfg.max_seq_len, cfg.packing)
+        return blocks, Cuts(len(blocks))
+    out, cuts = [], Cuts(len(pairs))
+    for pair in pairs:
+        ex = tokenise(pair)
+        if (n := len(ex.input_ids)) > cfg.max_seq_len:
+            ex, kind, names = _fit(ex, pair, tokenise, cfg)
+            cuts.add(kind, n - len(ex.input_ids), names)
+        out.append(ex)
+    return out, cuts
 
 
 def _read_pairs(path: str, cfg: DataConfig) -> list[Pair]:
-    records = read_records(path, cfg.split)
+    records = read_records(path, cfg.split, cfg.format)
     if not records:
         raise SlimtuneError(f"data: {path!r}: no records (empty dataset)")
     return _pairs(records, cfg)
 
 
 def load_splits(cfg: DataConfig, tok: PreTrainedTokenizerBase) -> Splits:
-    """Read, format, shuffle (seeded), split and tokenise. Raises SlimtuneError on bad input."""
+    """Read, format, shuffle (seeded), split and tokenise. Raises SlimtuneError on bad input.
+
+    Examples longer than data.max_seq_len are shortened (data.truncate); ``truncation`` of the
+    result reports it, and its line is logged (logger slimtune.data; WARNING if anything was cut).
+    """
     pairs = _read_pairs(cfg.path, cfg)
     random.Random(cfg.seed).shuffle(pairs)
     if cfg.eval_path:
@@ -436,10 +713,14 @@ def load_splits(cfg: DataConfig, tok: PreTrainedTokenizerBase) -> Splits:
             f"data: {cfg.path!r}: the training split is empty after holding out "
             f"data.eval_size={cfg.eval_size}"
         )
-    train = _examples(pairs, tok, cfg)
+    train, train_cuts = _examples(pairs, tok, cfg)
     if not train:
         raise SlimtuneError(f"data: {cfg.path!r}: no example has a token to learn from")
-    return Splits(train, _examples(held, tok, cfg) if held else [])
+    held_out, held_cuts = _examples(held, tok, cfg) if held else ([], Cuts())
+    blocks = cfg.format == "text" or cfg.packing
+    report = Truncation(cfg.max_seq_len, train_cuts, held_cuts, blocks)
+    log.log(logging.WARNING if report.cut else logging.INFO, "%s", report.line())
+    return Splits(train, held_out, report)
 
 
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:

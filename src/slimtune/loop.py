@@ -30,6 +30,7 @@ from .evaluate import evaluate
 from .interrupt import GracefulStop
 from .memory import fmt_bytes, peak_bytes, trim_heap
 from .methods.base import StepContext
+from .trackers import tracker_config, tracker_row
 
 
 def train(
@@ -101,7 +102,7 @@ class Run:
         if self.main:
             self.metrics_file = self.owner.open(self.cfg, self.step, changes)
         if self.tc.report_to:
-            self.acc.init_trackers("slimtune", config=self.cfg.to_dict())
+            self.acc.init_trackers("slimtune", config=tracker_config(self.cfg))
 
     def log(self, row: dict[str, Any]) -> None:
         if not self.main:
@@ -109,8 +110,7 @@ class Run:
         self.metrics_file.write(json.dumps(row) + "\n")
         self.metrics_file.flush()
         if self.tc.report_to:
-            numbers = {k: v for k, v in row.items() if isinstance(v, (int, float))}
-            self.acc.log(numbers, step=row.get("step"))
+            self.acc.log(tracker_row(row), step=row.get("step"))
 
     def evaluate(self, tag: str) -> dict[str, Any]:
         if not self.p.splits.eval or not self.main:

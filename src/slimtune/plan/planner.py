@@ -107,6 +107,10 @@ class Workload:
     padded: bool = True  # batches carry padding (False: packed blocks, causal attention only)
     steps: int | None = None  # run length; None: long enough for every periodic term
     runtime: float | None = None  # bytes; None: RUNTIME_BYTES[device]
+    # CPU: train.trim_memory (malloc_trim after every block). The terms price live memory,
+    # which is what a trimmed run's RSS follows (benchmarks/plan_accuracy.py --trim: within
+    # 15%); without trimming the plan names the setting and the allocator's bound (below)
+    trim_memory: bool = True
 
     @property
     def tokens(self) -> int:
@@ -368,23 +372,30 @@ class Plan:
         )
 
     def flops_per_token(self) -> float:
-        """Model FLOPs per training token (multiply-add = 2): forward 2 x (block and head
-        weights) + attention (2 x 2 x seq x q per block, causal: half); backward, where a graph
-        is built: the input gradients of every block gradients pass through, each trainable
-        matrix's weight gradient (2 x its size each), and a recomputed forward under
-        checkpointing. Zeroth-order: forwards of the doubled batch only."""
+        """Model FLOPs per training token (multiply-add = 2). A weight matrix W costs 2 x its
+        size per token in the forward (x W), 2 more in backward for the input gradient
+        (dy W^T, wherever gradients must flow further down) and 2 more for its weight gradient
+        (x^T dy), which only a trainable W needs: 6 per trainable weight, 4 per frozen weight
+        that gradients pass through (LoRA's base: ~4 x params, not 6), 2 per weight below the
+        lowest trainable block (forward only). Adapter matrices on block linears (LoRA's A and
+        B, S2FT's deltas) are trainable matrices of their own: 6 each. Attention: QK^T and AV,
+        2 x 2 x seq x q per block halved by the causal mask, twice that in backward. The head
+        takes its input gradient (the loss's gradient enters there); a recomputed forward under
+        checkpointing adds one forward of every block backward passes through. Zeroth-order:
+        forwards of the doubled batch only."""
         sh, w = self.shape, self.work
         q = sh.heads * sh.head_dim
         seq = w.seq + self.extra_tokens
         block = sh.layer_params - sh.norms_per_layer * sh.hidden
         head = sh.vocab * sh.hidden
         attn = 2 * seq * q  # QK^T and AV: 2 x 2 x seq x q, halved by the causal mask
-        fwd = 2 * block * sh.layers + 2 * head + attn * sh.layers
+        adapters = sum(s.numel for s in self.new if s.module in BLOCK_LINEARS and len(s.shape) == 2)
+        fwd = 2 * block * sh.layers + 2 * head + attn * sh.layers + 2 * adapters
         if not self.graph:
             return fwd * self.batch_factor
         start, _ = self._grad_from()
         n = 0 if start is None else sh.layers - start
-        bwd = (2 * block + 2 * attn) * n + 2 * head  # gradients of the inputs
+        bwd = (2 * block + 2 * attn) * n + 2 * head + 2 * adapters  # gradients of the inputs
         bwd += sum(2 * s.numel for s in self.trainable if len(s.shape) == 2)  # of the weights
         recompute = (2 * block + attn) * n if w.checkpointing else 0
         return fwd + bwd + recompute
@@ -405,6 +416,7 @@ class Plan:
         else:
             terms += self._forward_only_terms(tokens * self.batch_factor, mask)
         terms += self.extra
+        notes = [*self.notes, *self._allocator_note(terms)]
         return Breakdown(
             model=names[0],
             params=names[1],
@@ -413,9 +425,33 @@ class Plan:
             terms=terms,
             trainable_params=sum(s.numel for s in self.trainable),
             total_params=self.shape.total_params,
-            notes=self.notes,
+            notes=notes,
             flops_per_token=self.flops_per_token(),
         )
+
+    def _allocator_note(self, terms: list[Term]) -> list[str]:
+        """CPU: the terms price live memory, which the resident set follows when
+        train.trim_memory hands freed heap pages back after every block. Without it glibc keeps
+        the pages of activations freed in backward resident (the next blocks' gradient
+        allocations interleave with them, so the heap cannot shrink), so the resident set can
+        exceed the live memory by up to the activations kept for backward: the bound named
+        here. Measured on SmolLM2 without trimming (batch 4 x 256): LoRA 2.87 GB (planned 2.09,
+        bound 2.99), full AdamW 4.26 (3.81, 5.10), MeZO 1.29 (1.24, 1.30)."""
+        w = self.work
+        if w.device != "cpu":
+            return []
+        acts = sum(t.bytes for t in terms if t.name in ("activations", "recompute"))
+        phases: dict[str, float] = {}
+        for t in terms:
+            phases[t.phase] = phases.get(t.phase, 0.0) + t.bytes
+        live = phases.pop("always", 0.0) + max(phases.values(), default=0.0)
+        bound = f"expect up to {(live + acts) / GB:.2f} GB resident (glibc keeps freed pages)"
+        if w.trim_memory:
+            return [f"peak assumes train.trim_memory=true (CPU); without it {bound}"]
+        return [
+            "peak assumes train.trim_memory=true (CPU), which this run leaves off: "
+            f"{bound}; set train.trim_memory=true for the predicted peak"
+        ]
 
     def _resident_terms(self) -> list[Term]:
         """Runtime, base weights and new (adapter) weights: alive for the whole run."""
@@ -573,6 +609,7 @@ def workload_of(cfg: Any, **fields: Any) -> Workload:
         attention="eager" if cfg.model.attn_implementation == "eager" else "sdpa",
         device=device_kind(cfg.model.device),
         grad_accum=tc.grad_accum,
+        trim_memory=tc.trim_memory,
         padded=not cfg.data.packing,
     )
     return Workload(**{**described, **fields})
