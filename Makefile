@@ -24,8 +24,8 @@ demo: venv
 	$(BIN)/slimtune demo
 
 lint: venv
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks examples
+	$(BIN)/ruff format --check src tests benchmarks examples
 
 format: venv
 	$(BIN)/ruff check --fix src tests benchmarks

@@ -101,8 +101,8 @@ def predict(model: str, params: str, optim: str, args: argparse.Namespace) -> An
 def one_recipe(args: argparse.Namespace) -> None:
     """``--recipe``: the planned and measured peak of one recipe file, in a fresh process."""
     from slimtune import config, registry
-    from slimtune.plan import format_breakdown, shape_for
-    from slimtune.plan.planner import plan, workload_of
+    from slimtune.plan import format_breakdown, shape_for, workload_for
+    from slimtune.plan.planner import plan
 
     work = args.work or Path(tempfile.mkdtemp(prefix="plan-accuracy-"))
     overrides = [
@@ -119,7 +119,9 @@ def one_recipe(args: argparse.Namespace) -> None:
     work.mkdir(parents=True, exist_ok=True)
     res = run_worker(WORKER, str(args.recipe), cfg.to_dict(), work)
     p, o = registry.build("params", cfg.params), registry.build("optimizer", cfg.optimizer)
-    pred = plan(shape_for(cfg.model.name), p, o, workload_of(cfg, steps=args.steps))
+    # what `slimtune plan` prices for this recipe (its data read: the widest batch the run's
+    # steps draw), over the run's length
+    pred = plan(shape_for(cfg.model.name), p, o, workload_for(cfg, steps=args.steps))
     print(format_breakdown(pred))
     marks = [(m["step"], round(m["rss"] / 2**30, 3)) for m in res["marks"]]
     print(f"RSS after each step (GB): {marks}")

@@ -437,7 +437,12 @@ def _add_plan(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="params method, optimizer, or params+optimizer (e.g. lora, galore, lora+mezo); "
         "repeat or comma-separate",
     )
-    pl.add_argument("--seq", type=int, help="tokens per sequence (default: the recipe's)")
+    pl.add_argument(
+        "--seq",
+        type=int,
+        help="tokens per sequence (default: the widest batch the recipe's data gives, else "
+        "data.max_seq_len)",
+    )
     pl.add_argument("--batch", type=int, help="sequences per micro-batch")
     pl.add_argument("--weights", choices=["fp32", "bf16", "fp16", "nf4", "int8"])
     pl.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"])

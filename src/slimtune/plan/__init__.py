@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from ..errors import SlimtuneError
+from .lengths import run_seq
 from .planner import GB, Breakdown, Workload, device_kind, method, plan, workload_of
 from .shapes import ModelShape, bundled, load_shape, read_config
 
@@ -100,12 +101,23 @@ def candidates() -> list[tuple[str, str]]:
     return [*out, ("full", galore), ("lora", "mezo")]
 
 
-def workload_for(cfg: Any = None, runtime: str | None = None, **given: Any) -> Workload:
+def workload_for(
+    cfg: Any = None, runtime: str | None = None, read_data: bool = True, **given: Any
+) -> Workload:
     """What ``slimtune plan`` prices: the recipe's workload (:func:`workload_of`; without a recipe
     the defaults on this machine's device), with the fields ``given`` (those not None) instead
-    and ``runtime`` ('0.5GB') as the framework overhead."""
+    and ``runtime`` ('0.5GB') as the framework overhead. With a recipe and no ``seq`` given,
+    ``read_data`` prices the length its batches really pad to (:func:`lengths.run_seq`: the
+    widest batch the run draws from its tokenised data), else ``data.max_seq_len``."""
     work = workload_of(cfg) if cfg is not None else Workload(device=device_kind())
-    work = replace(work, **{k: v for k, v in given.items() if v is not None})
+    given = {k: v for k, v in given.items() if v is not None}
+    if cfg is not None and "seq" not in given:
+        if read_data:
+            choice = run_seq(cfg, given.get("batch"))
+            work = replace(work, seq=choice.seq, seq_source=choice.why)
+        else:
+            work = replace(work, seq_source="data.max_seq_len")
+    work = replace(work, **given)
     if runtime is not None:
         work = replace(work, runtime=parse_size(runtime))
     return work
@@ -194,6 +206,7 @@ def format_breakdown(b: Breakdown) -> str:
         f"workload: batch {w.batch} x seq {w.seq}, weights {w.weights}, mixed precision "
         f"{w.mixed_precision}, checkpointing {'on' if w.checkpointing else 'off'}, loss chunk "
         f"{w.loss_chunk or 'off'}, attention {w.attention}, device {w.device}",
+        *([f"seq {w.seq}: {w.seq_source}"] if w.seq_source else []),
         "",
         f"{'component':<22}{'GB':>9}  {'when':<9} note",
     ]

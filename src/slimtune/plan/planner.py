@@ -95,7 +95,7 @@ class Spec:
 class Workload:
     """What the run does with the model: the numbers the planner needs beyond its shape."""
 
-    seq: int = 512
+    seq: int = 512  # tokens per sequence: what the run's batches are padded to
     batch: int = 1
     weights: Literal["fp32", "bf16", "fp16", "nf4", "int8"] = "fp32"
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
@@ -111,6 +111,7 @@ class Workload:
     # which is what a trimmed run's RSS follows (benchmarks/plan_accuracy.py --trim: within
     # 15%); without trimming the plan names the setting and the allocator's bound (below)
     trim_memory: bool = True
+    seq_source: str = ""  # where ``seq`` comes from, for the plan's output (plan/lengths.py)
 
     @property
     def tokens(self) -> int:
