@@ -15,7 +15,7 @@ import pytest
 
 from slimtune import config
 from slimtune.config import DataConfig
-from slimtune.data import IGNORE, Example, Splits, load_splits, read_records
+from slimtune.data import IGNORE, Example, Pair, Splits, Tokenise, load_splits, read_records
 from slimtune.errors import SlimtuneError
 from slimtune.models import tiny_tokenizer
 
@@ -370,3 +370,56 @@ def test_bad_chat_template_is_one_line(tmp_path):
         with pytest.raises(SlimtuneError) as e:
             load_splits(messages_cfg(tmp_path, chat_template=template), bare_tokenizer())
         assert "\n" not in str(e.value) and words in str(e.value), str(e.value)
+
+
+def test_long_conversation_drops_its_oldest_exchanges_first(tmp_path):
+    """The system message and the last exchange stay (samples prompt up to the last assistant
+    turn); whole exchanges go from the front until the conversation fits."""
+    msgs = [{"role": "system", "content": "Be brief."}]
+    for k in range(3):
+        msgs += [
+            {"role": "user", "content": f"q{k} " * 8},
+            {"role": "assistant", "content": f"a{k}"},
+        ]
+    path = write_jsonl(tmp_path / "m.jsonl", [{"messages": msgs}])
+    tokenise = Tokenise(TOK, DataConfig(path=str(path), format="messages"))
+    full = tokenise(Pair(None, msgs))
+    last_two = tokenise(Pair(None, msgs[:1] + msgs[3:]))
+    last_one = tokenise(Pair(None, msgs[:1] + msgs[5:]))
+    assert len(last_one.input_ids) < len(last_two.input_ids) < len(full.input_ids)
+    cfg = DataConfig(path=str(path), format="messages", max_seq_len=len(last_two.input_ids))
+    splits = load_splits(cfg, TOK)
+    (ex,) = splits.train
+    assert ex.input_ids == last_two.input_ids and ex.labels == last_two.labels
+    cut = len(full.input_ids) - len(last_two.input_ids)
+    assert splits.truncation.line().endswith(
+        f"oldest turns dropped (median {cut}, max {cut} tokens cut)"
+    )
+    # one token short of the last exchange: nothing left to drop, so its end is cut
+    cfg = DataConfig(path=str(path), format="messages", max_seq_len=len(last_one.input_ids) - 1)
+    splits = load_splits(cfg, TOK)
+    assert splits.truncation.train.tokens_cut.keys() == {"end"}
+    # truncate: prompt_start keeps the old cut (the conversation's end)
+    cfg = DataConfig(
+        path=str(path), format="messages", max_seq_len=len(last_two.input_ids),
+        truncate="prompt_start",
+    )  # fmt: skip
+    assert load_splits(cfg, TOK).train[0].input_ids == full.input_ids[: cfg.max_seq_len]
+
+
+def test_a_run_saves_the_chat_template_it_trained_with(tmp_path):
+    from transformers import AutoTokenizer
+
+    from slimtune.loop import train
+
+    from .conftest import tiny_recipe
+
+    rows = [{"messages": MSGS}] * 8
+    recipe = tiny_recipe(
+        write_jsonl(tmp_path / "m.jsonl", rows), tmp_path / "run", train={"steps": 1}
+    )
+    recipe["data"] = {"path": str(tmp_path / "m.jsonl"), "format": "messages",
+                      "chat_template": BRACKETS}  # fmt: skip
+    recipe["params"] = {"name": "lora", "r": 2}
+    train(config.from_dict(recipe))
+    assert AutoTokenizer.from_pretrained(tmp_path / "run").chat_template == BRACKETS

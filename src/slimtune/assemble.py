@@ -22,7 +22,7 @@ from transformers import get_scheduler
 
 from . import registry
 from .config import RunConfig
-from .data import Batches, Splits, load_splits, total_steps
+from .data import Batches, Splits, Tokenise, load_splits, total_steps
 from .errors import SlimtuneError
 from .loss import Head, find_head
 from .memory import optimizer_state_bytes, peak_bytes, trim_after_blocks
@@ -114,6 +114,8 @@ def assemble(
     else:
         model, tok = load_recipe_model(cfg.model, place=False, base=cfg.base)  # accelerate places
     splits = splits or load_splits(cfg.data, tok)
+    if cfg.data.chat_template:  # the saved tokenizer carries the template the run trained with
+        tok.chat_template = Tokenise(tok, cfg.data).template
     batches = Batches(splits.train, tc.batch_size, tc.seed, acc.process_index, world)
     if local is not None and local.position:
         batches.seek(local.position)

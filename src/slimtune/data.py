@@ -474,7 +474,7 @@ class Tokenise:
 # ---------------------------------------------------------------------------------------------
 
 # How an example was made to fit, in the order the report lists them.
-KINDS = ("field", "template", "prompt_start", "end")
+KINDS = ("field", "turns", "template", "prompt_start", "end")
 
 
 def _median(values: list[int]) -> str:
@@ -487,7 +487,8 @@ class Cuts:
     """The examples of one split that were longer than data.max_seq_len, and what they lost.
 
     ``tokens_cut[kind]`` holds one count per shortened example (its length before minus after):
-    field: a template's {column} values were shortened; template: the template alone was too
+    field: a template's {column} values were shortened; turns: a conversation lost its oldest
+    exchanges (its system message stays); template: the template alone was too
     long, so the prompt start was cut; prompt_start: the prompt start was cut (data.truncate
     prompt_start, or a prompt without a template); end: tokens after the prompt were cut too
     (a response or conversation longer than max_seq_len). ``fields`` counts, per column, the
@@ -512,6 +513,7 @@ class Cuts:
         names = ", ".join(f"{{{n}}}" for n in self.fields)
         words = {
             "field": f"field{'s' if len(self.fields) > 1 else ''} {names} shortened",
+            "turns": "oldest turns dropped",
             "template": "template longer than max_seq_len: prompt start cut",
             "prompt_start": "prompt start cut",
             "end": "end cut",
@@ -619,11 +621,30 @@ def _shorten_fields(
     return ex, tuple(n for n in names if keep[n] < len(ids[n]))
 
 
+def _drop_turns(msgs: list[dict[str, str]], tokenise: Tokenise, max_len: int) -> Example | None:
+    """The conversation without its oldest exchanges (each drop removes the messages before the
+    next user turn; a leading system message stays), as soon as it fits; None if even the last
+    exchange with an assistant turn does not fit."""
+    head = msgs[:1] if msgs and msgs[0]["role"] == "system" else []
+    rest = msgs[len(head) :]
+    for start in (i for i, m in enumerate(rest) if i and m["role"] == "user"):
+        if not any(m["role"] == "assistant" for m in rest[start:]):
+            return None
+        ex = tokenise(Pair(None, head + rest[start:]))
+        if len(ex.input_ids) <= max_len:
+            return ex
+    return None
+
+
 def _fit(
     ex: Example, pair: Pair, tokenise: Tokenise, cfg: DataConfig
 ) -> tuple[Example, str, tuple[str, ...]]:
     """An example longer than max_seq_len, shortened; the kind of cut (KINDS) and columns cut."""
     kind = "prompt_start"
+    if cfg.truncate == "field" and pair.prompt is None and isinstance(pair.response, list):
+        fitted = _drop_turns(pair.response, tokenise, cfg.max_seq_len)
+        if fitted is not None:
+            return fitted, "turns", ()
     if cfg.truncate == "field" and pair.template is not None:
         fitted = _shorten_fields(ex, pair, tokenise, cfg.max_seq_len)
         if fitted is not None:
