@@ -37,14 +37,11 @@ def summary_of(cls: type) -> str:
     return (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
 
 
-class ParamsMethod:
-    """Base class of the params axis. Defaults describe full fine-tuning of plain HF weights."""
+class Method:
+    """What every registered method has: its name (set by ``registry.register``) and a
+    ``Config`` dataclass (the recipe section's options), an instance of which it is bound to."""
 
     name: ClassVar[str]
-    mergeable: ClassVar[bool] = True  # False: merge() raises SlimtuneError (e.g. prompt tuning)
-    # False: the loop refuses train.gradient_checkpointing with one line (e.g. prefix tuning,
-    # whose key/value prefixes peft applies again when a block is recomputed)
-    supports_checkpointing: ClassVar[bool] = True
 
     @dataclass
     class Config:
@@ -52,6 +49,15 @@ class ParamsMethod:
 
     def __init__(self, cfg: Any):
         self.cfg = cfg
+
+
+class ParamsMethod(Method):
+    """Base class of the params axis. Defaults describe full fine-tuning of plain HF weights."""
+
+    mergeable: ClassVar[bool] = True  # False: merge() raises SlimtuneError (e.g. prompt tuning)
+    # False: the loop refuses train.gradient_checkpointing with one line (e.g. prefix tuning,
+    # whose key/value prefixes peft applies again when a block is recomputed)
+    supports_checkpointing: ClassVar[bool] = True
 
     def prepare(self, model: nn.Module, ctx: PrepareContext) -> nn.Module:
         """Inject adapters / freeze / re-parameterise. Returns the model to train."""
@@ -131,10 +137,9 @@ def check_betas(betas: list[float]) -> None:
         raise ValueError(f"betas must be two numbers in [0, 1), got {betas}")
 
 
-class OptimizerMethod(ABC):
+class OptimizerMethod(Method, ABC):
     """Base class of the optimizer axis."""
 
-    name: ClassVar[str]
     stateless: ClassVar[bool] = False  # True: may keep no optimizer state at all (plain SGD, MeZO)
 
     @dataclass
@@ -151,9 +156,6 @@ class OptimizerMethod(ABC):
                 raise ValueError(f"lr must be >= 0, got {self.lr}")
             if self.weight_decay < 0:
                 raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
-
-    def __init__(self, cfg: Any):
-        self.cfg = cfg
 
     def memory(self, plan: Any) -> None:
         """Describe this optimizer's memory to the planner (``slimtune.plan.planner.Plan``):
@@ -193,20 +195,11 @@ class OptimizerMethod(ABC):
         return StepResult(loss, grad_norm)
 
 
-class Objective:
+class Objective(Method):
     """Base class of the objective axis: the loss an optimizer minimises. The loop divides the
     summed loss of a step by the step's normaliser over all processes, so an objective gives
     both: ``loss_sum`` of a batch and ``targets(batch)``, what one unit of that sum is (target
     tokens for token-level losses; pairs for a preference loss)."""
-
-    name: ClassVar[str]
-
-    @dataclass
-    class Config:
-        pass
-
-    def __init__(self, cfg: Any):
-        self.cfg = cfg
 
     def targets(self, batch: dict[str, torch.Tensor]) -> int:
         """Target tokens of ``batch``: the labels that are not masked, shifted by one."""
@@ -220,21 +213,12 @@ class Objective:
         raise NotImplementedError(f"objective {self.name!r} has no loss")
 
 
-class BaseWeights:
+class BaseWeights(Method):
     """Base class of the base axis: how the frozen weights of the model are stored. The loader
     (``models.load_model``) asks the recipe's base for the dtype the checkpoint loads in and for
     any further ``from_pretrained`` options (a quantisation config), then lets it rework the
     loaded model (``after_load``); ``check`` refuses params / optimizer methods it cannot serve
     before anything loads; the planner prices the weights by the base's name."""
-
-    name: ClassVar[str]
-
-    @dataclass
-    class Config:
-        pass
-
-    def __init__(self, cfg: Any):
-        self.cfg = cfg
 
     @property
     def torch_dtype(self) -> torch.dtype:
