@@ -77,3 +77,13 @@ def test_plan_cli_names_the_length_it_priced(cls_data, tmp_path, capsys):
     assert main(["plan", str(recipe), "--model", "smollm2-135m", "--seq", "77"]) == 0
     out = capsys.readouterr().out
     assert "batch 4 x seq 77," in out and "\nseq 77:" not in out  # given: priced as given
+
+
+def test_bench_prices_each_method_as_slimtune_plan_does(cls_data, tmp_path, monkeypatch):
+    from slimtune import bench, plan
+
+    known = plan.shape_for("smollm2-135m")  # the tiny model has no bundled shape to price
+    monkeypatch.setattr(plan, "shape_for", lambda name: known)
+    cfg = _cfg(cls_data, tmp_path, params={"name": "lora", "r": 2})
+    predicted = bench._predict(cfg)
+    assert predicted.work.seq == workload_for(cfg).seq == max(_lengths(cfg))

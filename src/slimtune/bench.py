@@ -106,14 +106,15 @@ def gemm_peak(dtype: str = "fp32", seconds: float = 2.0, n: int = 2048) -> float
 def _predict(cfg: Any) -> Any:
     """The planner's breakdown for a recipe, or None where the model has no known shape."""
     from . import registry
-    from .plan import shape_for
-    from .plan.planner import plan, workload_of
+    from .plan import shape_for, workload_for
+    from .plan.planner import plan
 
     try:
         shape = shape_for(cfg.model.name)
     except SlimtuneError:
         return None
-    work = workload_of(cfg, steps=cfg.train.steps or None)
+    # as `slimtune plan` prices it: the length the run's batches really pad to, from its data
+    work = workload_for(cfg, steps=cfg.train.steps or None)
     p, o = registry.build("params", cfg.params), registry.build("optimizer", cfg.optimizer)
     return plan(shape, p, o, work, cfg.model.name)
 
