@@ -129,7 +129,7 @@ def _load_run(run_dir: Path, overrides: list[str]):
 def cmd_eval(args: argparse.Namespace) -> int:
     from . import config
     from .data import load_splits
-    from .evaluate import evaluate
+    from .evaluate import evaluate, held_out_lines
     from .loss import find_head
     from .models import load_recipe_model
 
@@ -154,8 +154,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     )
     n = min(len(examples), cfg.eval.max_examples or len(examples))  # what evaluate() scored
     print(json.dumps({"examples": n, **metrics}, indent=1))
-    from .evaluate import held_out_lines
-
     # The table and a collapse warning for a reader, on stderr: stdout stays one JSON document.
     for line in held_out_lines({"eval": metrics}):
         print(line, file=sys.stderr)

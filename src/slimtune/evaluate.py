@@ -223,18 +223,6 @@ def choice_predictions(
     return [max(range(len(s)), key=s.__getitem__) for s in scores]
 
 
-def choice_accuracy(
-    model: nn.Module,
-    head: Head,
-    examples: list[Example],
-    pad_id: int,
-    bs: int,
-    bar: tqdm | None = None,
-) -> float:
-    predicted = choice_predictions(model, head, examples, pad_id, bs, bar)
-    return sum(int(p == ex.answer) for p, ex in zip(predicted, examples)) / len(examples)
-
-
 @torch.no_grad()
 def target_loss(
     model: nn.Module,

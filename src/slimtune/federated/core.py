@@ -123,9 +123,9 @@ class Base:
 
     @classmethod
     def get(cls, cfg: RunConfig) -> Base:
+        # asdict of a registered Config includes its name
         key = json.dumps(
-            [dataclasses.asdict(cfg.model), cfg.base.name, dataclasses.asdict(cfg.base)],
-            sort_keys=True,
+            [dataclasses.asdict(cfg.model), dataclasses.asdict(cfg.base)], sort_keys=True
         )
         if key not in cls._cache:
             cls._cache.clear()
