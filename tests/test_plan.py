@@ -424,13 +424,22 @@ def test_cpu_plan_names_the_trim_memory_setting_it_assumes(capsys, tmp_path):
 
     trimmed = estimate(TINY, "lora", "adamw", W)
     untrimmed = estimate(TINY, "lora", "adamw", replace(W, trim_memory=False))
-    assert untrimmed.peak == trimmed.peak  # live memory either way; the note names the setting
+    # untrimmed: live memory plus half the activations for the pages glibc keeps, and a note
+    # naming the setting and the range [live, live + activations] the resident set lies in
+    acts = terms(trimmed)["activations"]
+    assert terms(untrimmed)["allocator retention"] == acts / 2
+    assert untrimmed.peak == trimmed.peak + acts / 2
+    assert "allocator retention" not in terms(trimmed)
     (note,) = untrimmed.notes
-    assert "train.trim_memory=true" in note and "leaves off" in note
-    bound = untrimmed.peak + terms(untrimmed)["activations"]
-    assert f"expect up to {bound / GB:.2f} GB" in note
+    assert "train.trim_memory=false (CPU), this run's setting" in note
+    assert f"between {trimmed.peak / GB:.2f} and {(trimmed.peak + acts) / GB:.2f} GB" in note
     assert "train.trim_memory=true" in trimmed.notes[0]
-    assert not estimate(TINY, "lora", "adamw", replace(W, device="cuda")).notes
+    for zo in ("mezo", "zo-adam"):  # the forward phase's activations, for forward-only methods
+        kept = estimate(TINY, "full", zo, replace(W, trim_memory=False))
+        assert kept.by_name()["allocator retention"] == terms(kept)["activations"] / 2
+        assert kept.peak_phase == "forward"
+    cuda = estimate(TINY, "lora", "adamw", replace(W, device="cuda", trim_memory=False))
+    assert not cuda.notes and "allocator retention" not in terms(cuda)
     cfg = config.load(None, ["data.path=x", "train.trim_memory=true"])
     assert (
         workload_of(cfg).trim_memory
@@ -439,7 +448,7 @@ def test_cpu_plan_names_the_trim_memory_setting_it_assumes(capsys, tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("model: {name: smollm2-135m, device: cpu}\ndata: {path: x.jsonl}\n")
     assert main(["plan", str(recipe)]) == 0
-    assert "note: peak assumes train.trim_memory=true (CPU), which this run leaves off" in (
+    assert "note: peak assumes train.trim_memory=false (CPU), this run's setting" in (
         capsys.readouterr().out
     )
 

@@ -38,9 +38,14 @@ GB = 1024**3
 MB = 1024**2
 
 DTYPE_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0}
-# Quantised linear weights, bytes per parameter: NF4 with double quantisation (QLoRA: blocks of
-# 64 with an 8-bit absmax, one fp32 per 256 blocks) and LLM.int8 (one fp32 scale per row, ~0).
-QUANT_BYTES = {"nf4": 0.5 + 1 / 64 + 4 / (64 * 256), "int8": 1.0}
+# Quantised linear weights, bytes per parameter: 4-bit NF4/FP4 with double quantisation (QLoRA:
+# blocks of 64 with an 8-bit absmax, one fp32 per 256 blocks; without it one fp32 absmax per
+# block, Workload.double_quant) and LLM.int8 (one fp32 scale per row, ~0).
+QUANT_BYTES = {
+    "nf4": 0.5 + 1 / 64 + 4 / (64 * 256),
+    "fp4": 0.5 + 1 / 64 + 4 / (64 * 256),
+    "int8": 1.0,
+}
 
 # CPU: resident set of slimtune's loop once set up (torch, transformers, accelerate, datasets,
 # tokenizer, tokenised data), weights excluded: 0.54 GB measured here with torch 2.13 /
@@ -48,6 +53,10 @@ QUANT_BYTES = {"nf4": 0.5 + 1 / 64 + 4 / (64 * 256), "int8": 1.0}
 # weights; ``benchmarks/plan_accuracy.py`` prints it). CUDA: context + cuBLAS workspace (nvidia-smi minus allocated,
 # typically 0.5-1 GB); slimtune's measured CUDA peak (max allocated) excludes it.
 RUNTIME_BYTES = {"cpu": 0.55 * GB, "cuda": 0.75 * GB}
+
+# RMSNorm (Llama, Qwen2, Mistral, Gemma-3) normalises in float32: what it keeps for backward is
+# a float32 copy of its input, whatever the weights' dtype
+NORM_BYTES = 4.0
 
 BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Order of a block's modules: where gradients enter a block whose input needs none.
@@ -97,7 +106,9 @@ class Workload:
 
     seq: int = 512  # tokens per sequence: what the run's batches are padded to
     batch: int = 1
-    weights: Literal["fp32", "bf16", "fp16", "nf4", "int8"] = "fp32"
+    weights: Literal["fp32", "bf16", "fp16", "nf4", "fp4", "int8"] = "fp32"
+    compute: Literal["fp32", "bf16", "fp16"] = "bf16"  # quantised bases: dtype of everything else
+    double_quant: bool = True  # 4-bit bases: block constants quantised too
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     checkpointing: bool = False
     loss_chunk: int = 256  # 0: full logits for the whole batch
@@ -109,7 +120,7 @@ class Workload:
     runtime: float | None = None  # bytes; None: RUNTIME_BYTES[device]
     # CPU: train.trim_memory (malloc_trim after every block). The terms price live memory,
     # which is what a trimmed run's RSS follows (benchmarks/plan_accuracy.py --trim: within
-    # 15%); without trimming the plan names the setting and the allocator's bound (below)
+    # 15%); without trimming the plan adds what glibc keeps (Plan._allocator_terms)
     trim_memory: bool = True
     seq_source: str = ""  # where ``seq`` comes from, for the plan's output (plan/lengths.py)
 
@@ -120,7 +131,14 @@ class Workload:
     @property
     def param_bytes(self) -> float:
         """Bytes per element of unquantised base tensors (and of tensors that train)."""
-        return DTYPE_BYTES.get(self.weights, 2.0)  # quantised bases compute in bf16
+        return DTYPE_BYTES.get(self.weights, DTYPE_BYTES[self.compute])
+
+    @property
+    def linear_bytes(self) -> float:
+        """Bytes per element of the base's linear weights (quantised: with their constants)."""
+        if self.weights in QUANT_BYTES and self.weights != "int8" and not self.double_quant:
+            return 0.5 + 4 / 64  # one fp32 absmax per block of 64
+        return QUANT_BYTES.get(self.weights, self.param_bytes)
 
     @property
     def act_bytes(self) -> float:
@@ -200,7 +218,7 @@ def base_specs(shape: ModelShape, work: Workload) -> list[Spec]:
     """Every parameter tensor of the base model (named as transformers names them), at the
     precision the run holds it in."""
     p = work.param_bytes
-    lin = QUANT_BYTES.get(work.weights, p)
+    lin = work.linear_bytes
     out = [
         Spec(
             "model.embed_tokens.weight", (shape.vocab, shape.hidden), "embedding", None, "embed", p
@@ -312,7 +330,7 @@ class Plan:
         sh, w = self.shape, self.work
         h, i = sh.hidden, sh.intermediate
         q, kv = sh.heads * sh.head_dim, sh.kv_heads * sh.head_dim
-        r, a = w.resid_bytes, w.act_bytes
+        r, a, f = w.resid_bytes, w.act_bytes, NORM_BYTES
         training = {s.module for s in self.trainable if s.layer == layer and s.kind != "adapter"}
         adapted = {ad.module for ad in self.adapters if ad.layer == layer}
         saves = {m for m in training if m in BLOCK_LINEARS}
@@ -324,7 +342,7 @@ class Plan:
 
         if self._masked():  # with an explicit mask, k and v are repeated to every query head
             kv = q
-        n = h * r if flow_in else 0.0  # the block input (kept by the first norm)
+        n = h * f if flow_in else 0.0  # the block input (kept by the first norm)
         n += h * r if "input_layernorm" in training else 0  # normalised x for the norm weight
         n += h * r if saves & {"q_proj", "k_proj", "v_proj"} else 0  # attention input
         if live(1):
@@ -335,16 +353,22 @@ class Plan:
             if w.attention == "eager":
                 n += 2 * sh.heads * w.seq * a  # attention weights and their softmax
         if live(3):
-            n += h * r  # residual after attention (kept by the second norm)
+            n += h * f  # residual after attention (kept by the second norm)
             if sh.norms_per_layer == 4:
-                n += h * a + h * r  # Gemma: the o_proj output (normed) and the MLP input
+                n += 2 * h * f  # Gemma: the o_proj output (normed) and the MLP input
         n += h * r if "post_attention_layernorm" in training else 0
         n += h * r if saves & {"gate_proj", "up_proj"} else 0  # MLP input
         if live(5):
             n += 3 * i * a  # gate, act(gate), up: kept by the activation and the product
             if sh.norms_per_layer == 4:
-                n += h * r  # Gemma: the MLP output (normed)
+                n += h * f  # Gemma: the MLP output (normed)
         n += i * a if "down_proj" in saves else 0  # the product, down_proj's input
+        if w.weights == "int8" and live(1):
+            # LLM.int8's matmul keeps its input for backward whenever gradients pass through
+            # it: the attention and MLP inputs where nothing else keeps them, and the product
+            n += h * a if not saves & {"q_proj", "k_proj", "v_proj"} else 0
+            n += h * a if not saves & {"gate_proj", "up_proj"} else 0
+            n += i * a if "down_proj" not in saves else 0
         for ad in self.adapters:
             if ad.layer == layer:
                 n += ad.act_per_token * a
@@ -417,7 +441,16 @@ class Plan:
         else:
             terms += self._forward_only_terms(tokens * self.batch_factor, mask)
         terms += self.extra
-        notes = [*self.notes, *self._allocator_note(terms)]
+        if self.quantised:
+            # the quantised kernels dequantise a whole weight before each product
+            widest = max(s.numel for s in self.linears())
+            phase = "backward" if self.graph else "forward"
+            terms.append(
+                Term("dequantised layer", widest * w.param_bytes, phase, "one linear's weight")
+            )
+        kept, allocator = self._allocator_terms(terms)
+        terms += kept
+        notes = [*self.notes, *allocator]
         return Breakdown(
             model=names[0],
             params=names[1],
@@ -430,29 +463,41 @@ class Plan:
             flops_per_token=self.flops_per_token(),
         )
 
-    def _allocator_note(self, terms: list[Term]) -> list[str]:
-        """CPU: the terms price live memory, which the resident set follows when
-        train.trim_memory hands freed heap pages back after every block. Without it glibc keeps
-        the pages of activations freed in backward resident (the next blocks' gradient
-        allocations interleave with them, so the heap cannot shrink), so the resident set can
-        exceed the live memory by up to the activations kept for backward: the bound named
-        here. Measured on SmolLM2 without trimming (batch 4 x 256): LoRA 2.87 GB (planned 2.09,
-        bound 2.99), full AdamW 4.26 (3.81, 5.10), MeZO 1.29 (1.24, 1.30)."""
+    def _allocator_terms(self, terms: list[Term]) -> tuple[list[Term], list[str]]:
+        """CPU without train.trim_memory: what glibc keeps resident beyond live memory.
+
+        The other terms price live memory, which the resident set follows when
+        train.trim_memory hands freed heap pages back after every block. Without it, pages of
+        temporaries freed between the activations kept for backward stay resident (the next
+        allocations interleave with them, so the heap cannot shrink): the excess lies between
+        nothing and the activations themselves (only pages those allocations once touched can
+        be kept). The plan prices the middle of that range, the estimate whose worst ratio to
+        either end is smallest, and names the range. Measured on SmolLM2 without trimming
+        (benchmarks/results/plan_accuracy_cpu.md): the excess was 0.35-0.87 of the
+        activations (full AdamW 0.45 GB of 1.28, LoRA 0.78 of 0.90, the demo recipe 0.80 of
+        1.48, MeZO 0.05)."""
         w = self.work
         if w.device != "cpu":
-            return []
-        acts = sum(t.bytes for t in terms if t.name in ("activations", "recompute"))
-        phases: dict[str, float] = {}
-        for t in terms:
-            phases[t.phase] = phases.get(t.phase, 0.0) + t.bytes
-        live = phases.pop("always", 0.0) + max(phases.values(), default=0.0)
-        bound = f"expect up to {(live + acts) / GB:.2f} GB resident (glibc keeps freed pages)"
-        if w.trim_memory:
-            return [f"peak assumes train.trim_memory=true (CPU); without it {bound}"]
-        return [
-            "peak assumes train.trim_memory=true (CPU), which this run leaves off: "
-            f"{bound}; set train.trim_memory=true for the predicted peak"
-        ]
+            return [], []
+        act = [t for t in terms if t.name in ("activations", "recompute")]
+        acts = sum(t.bytes for t in act)
+        if w.trim_memory or not acts:
+            note = "peak assumes train.trim_memory=true (CPU: freed heap pages given back)"
+            return [], [note]
+        kept = Term(
+            "allocator retention",
+            acts / 2,
+            act[0].phase,
+            "glibc keeps freed pages (train.trim_memory off): half the activations",
+        )
+        live = Breakdown("", "", "", w, terms, 0, 0).peak
+        note = (
+            "peak assumes train.trim_memory=false (CPU), this run's setting: resident memory "
+            f"lies between {live / GB:.2f} and {(live + acts) / GB:.2f} GB (glibc keeps freed "
+            f"pages); train.trim_memory=true gives {live / GB:.2f} GB (the demo recipe: 16% "
+            "more time per step)"
+        )
+        return [kept], [note]
 
     def _resident_terms(self) -> list[Term]:
         """Runtime, base weights and new (adapter) weights: alive for the whole run."""
@@ -486,7 +531,7 @@ class Plan:
             recompute = 0.0
         # the final norm keeps its input (and its normalised input when its weight
         # trains); a trainable head's checkpointed chunks keep their rows
-        final = sh.hidden * w.resid_bytes * tokens if n_blocks or self.trainable else 0.0
+        final = sh.hidden * NORM_BYTES * tokens if n_blocks or self.trainable else 0.0
         if any(s.kind == "norm" and s.layer is None for s in self.trainable):
             final += sh.hidden * w.resid_bytes * tokens
         if self.head_trains():
@@ -604,6 +649,8 @@ def workload_of(cfg: Any, **fields: Any) -> Workload:
         seq=cfg.data.max_seq_len,
         batch=tc.batch_size,
         weights=cfg.base.name,
+        compute=getattr(cfg.base, "compute_dtype", "bf16"),
+        double_quant=getattr(cfg.base, "double_quant", True),
         mixed_precision=tc.mixed_precision,
         checkpointing=tc.gradient_checkpointing,
         loss_chunk=tc.loss_chunk_tokens,
