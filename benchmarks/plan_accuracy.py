@@ -46,12 +46,17 @@ def rows() -> list[tuple[str, str]]:
 
     out = [(p, "adamw") for p in registry.names("params")]
     out += [("full", o) for o in registry.names("optimizer") if o != "adamw"]
+    out += [(f"lora@{b}", "adamw") for b in registry.names("base") if b != "fp32"]
     return out
 
 
 def recipe(model: str, params: str, optim: str, args: argparse.Namespace, out: str) -> dict:
+    """``params`` may name a base after ``@`` (``lora@nf4``): the base's compute dtype then
+    holds everything else; otherwise fp32 weights."""
+    params, _, base = params.partition("@")
     return {
-        "model": {"name": model, "dtype": "fp32", "device": "cpu"},
+        "model": {"name": model, "device": "cpu", **({} if base else {"dtype": "fp32"})},
+        **({"base": base} if base else {}),
         "data": packed_sst2(max_seq_len=args.seq),
         "params": {"name": params},
         "optimizer": {"name": optim},
@@ -150,7 +155,10 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="smollm2-135m")
     parser.add_argument(
-        "--rows", default="", help="params/optimizer pairs, e.g. lora/adamw,full/mezo"
+        "--rows",
+        default="",
+        help="params/optimizer pairs, e.g. lora/adamw,full/mezo; params@base runs on that base "
+        "(lora@nf4/adamw)",
     )
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--batch", type=int, default=4)

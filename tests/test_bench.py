@@ -28,6 +28,23 @@ def test_method_specs_parse():
         bench.parse_methods(["lorra"])
 
 
+def test_bench_compares_bases(tmp_path, cls_data):
+    """``lora:base=nf4`` runs the recipe's LoRA on another base (its compute dtype holding the
+    rest, so the recipe's model.dtype gives way); base options need the base's name."""
+    plain, q = bench.parse_methods(["lora", "lora:base=nf4;base.compute_dtype=fp32"])
+    assert plain.base is None and q.base == {"name": "nf4", "compute_dtype": "fp32"}
+    assert q.label == "lora (base=nf4, compute_dtype=fp32)"
+    with pytest.raises(SlimtuneError, match="base options need base=NAME"):
+        bench.parse_methods(["lora:base.double_quant=false"])
+    recipe = tiny_recipe(
+        cls_data, tmp_path / "unused", model={"name": "tiny-llama", "dtype": "fp32"}
+    )
+    recipe["train"]["steps"] = 2
+    _, cfgs, _ = bench._recipes(recipe, [plain, q], tmp_path / "out")
+    assert cfgs[0].base.name == "fp32" and cfgs[1].base.name == "nf4"
+    assert cfgs[1].base.compute_dtype == "fp32" and cfgs[1].params.name == "lora"
+
+
 def test_bench_runs_each_method_and_writes_the_report(tmp_path, cls_data):
     recipe = tiny_recipe(cls_data, tmp_path / "unused", eval={"batch_size": 4})
     recipe["train"]["steps"] = 3

@@ -28,6 +28,7 @@ from .loss import Head, find_head
 from .memory import optimizer_state_bytes, peak_bytes, trim_after_blocks
 from .methods.base import Objective, OptimizerMethod, ParamsMethod, PrepareContext
 from .models import load_recipe_model, pick_device
+from .plan.planner import device_kind
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +163,11 @@ def _methods(cfg: RunConfig, world: int) -> tuple[ParamsMethod, OptimizerMethod]
     anything is loaded."""
     method = registry.build("params", cfg.params)
     optim_method = registry.build("optimizer", cfg.optimizer)
-    registry.build("base", cfg.base).check(method, optim_method)
+    storage = registry.build("base", cfg.base)
+    storage.check(method, optim_method)
+    device = device_kind(cfg.model.device)
+    storage.check_device(device)
+    optim_method.check_device(device)
     optim_method.check(cfg.train, world)
     if not optim_method.supports_objective(cfg.objective.name):
         raise SlimtuneError(

@@ -43,11 +43,13 @@ class Entry:
     params: dict[str, Any]
     optimizer: dict[str, Any]
     named: tuple[str, ...] = AXES
+    base: dict[str, Any] | None = None  # a base other than the recipe's (``lora:base=nf4``)
 
 
 def parse_methods(specs: list[str]) -> list[Entry]:
     """``params[+optimizer][:key=value;...]``: ``lora``, ``galore`` (full + galore),
-    ``lora+mezo``, ``full:optimizer.lr=1e-5``. Keys start with params. or optimizer."""
+    ``lora+mezo``, ``full:optimizer.lr=1e-5``, ``lora:base=nf4;base.compute_dtype=fp32``.
+    Keys start with params., optimizer. or base. (``base=NAME`` names the base)."""
     from . import config
     from .plan import split_method
 
@@ -57,14 +59,19 @@ def parse_methods(specs: list[str]) -> list[Entry]:
         p, o = split_method(name.strip())
         params: dict[str, Any] = {"name": p}
         optim: dict[str, Any] = {"name": o}
+        base: dict[str, Any] = {}
         for item in filter(None, (x.strip() for x in opts.split(";"))):
             key, eq, value = item.partition("=")
             section, _, field = key.partition(".")
-            if not eq or section not in ("params", "optimizer") or not field:
+            if key == "base" and eq:
+                base["name"] = value.strip()
+                continue
+            if not eq or section not in ("params", "optimizer", "base") or not field:
                 raise SlimtuneError(
-                    f"--methods: {spec!r}: options are params.KEY=VALUE or optimizer.KEY=VALUE"
+                    f"--methods: {spec!r}: options are params.KEY=VALUE, optimizer.KEY=VALUE, "
+                    "base=NAME or base.KEY=VALUE"
                 )
-            target = params if section == "params" else optim
+            target = {"params": params, "optimizer": optim, "base": base}[section]
             v = config.parse_overrides([f"x={value}"])["x"]
             if isinstance(v, str):  # YAML 1.1 reads 1e-5 as text
                 with contextlib.suppress(ValueError):
@@ -73,7 +80,9 @@ def parse_methods(specs: list[str]) -> list[Entry]:
         short = ", ".join(x.split(".", 1)[-1].strip() for x in opts.split(";") if x.strip())
         label = name.strip() + (f" ({short})" if short else "")
         named = AXES if "+" in name else ("params",) if p == name.strip() else ("optimizer",)
-        out.append(Entry(label, params, optim, named))
+        if base and "name" not in base:
+            raise SlimtuneError(f"--methods: {spec!r}: base options need base=NAME")
+        out.append(Entry(label, params, optim, named, base or None))
     labels = [e.label for e in out]
     if len(set(labels)) != len(labels):
         raise SlimtuneError(f"--methods: a method is listed twice: {', '.join(labels)}")
@@ -288,6 +297,9 @@ def _recipes(
     recipes, cfgs = [], []
     for e in entries:
         r = {**cfg_dict, **sections(cfg_dict, e)}
+        if e.base:  # the base's own dtype (a quantised base's compute dtype) holds the rest
+            r["base"] = dict(e.base)
+            r["model"] = {k: v for k, v in r.get("model", {}).items() if k != "dtype"}
         cfgs.append(config.from_dict(r))
         recipes.append(r)
     steps = cfgs[0].train.steps

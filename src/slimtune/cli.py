@@ -101,8 +101,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_run(run_dir: Path, overrides: list[str]):
-    """(config, trained model, tokenizer, method) of a finished run directory."""
+def _load_run(run_dir: Path, overrides: list[str], dense: bool = False):
+    """(config, trained model, tokenizer, method) of a finished run directory. ``dense``: a
+    quantised base is dequantised first (the weights it computed with), for merging."""
     from . import config, registry
     from .models import first_line, load_recipe_model
 
@@ -114,6 +115,8 @@ def _load_run(run_dir: Path, overrides: list[str]):
         config.merge(config.read_yaml(run_dir / "config.yaml"), config.parse_overrides(overrides))
     )
     base, tok = load_recipe_model(cfg.model, base=cfg.base)
+    if dense:
+        base = registry.build("base", cfg.base).dequantise(base)
     method = registry.build("params", cfg.params)
     try:
         model = method.load(base, run_dir)
@@ -167,7 +170,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise SlimtuneError(f"merge: output {str(out)!r} exists; choose a new directory")
     quiet_libraries()
-    _, model, tok, method = _load_run(Path(args.run_dir), [])
+    _, model, tok, method = _load_run(Path(args.run_dir), [], dense=True)
     merged = method.merge(model)
     if args.dtype is not None:
         from .models import DTYPES
@@ -442,7 +445,7 @@ def _add_plan(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "data.max_seq_len)",
     )
     pl.add_argument("--batch", type=int, help="sequences per micro-batch")
-    pl.add_argument("--weights", choices=["fp32", "bf16", "fp16", "nf4", "int8"])
+    pl.add_argument("--weights", choices=["fp32", "bf16", "fp16", "nf4", "fp4", "int8"])
     pl.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"])
     pl.add_argument("--checkpointing", action="store_true", help="activation checkpointing")
     pl.add_argument("--loss-chunk", type=int, help="tokens per loss chunk (0: full logits)")

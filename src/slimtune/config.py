@@ -183,7 +183,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     """Training and held-out data."""
     base: Any = None
-    """How the frozen weights are stored: a registered base (fp32, bf16, fp16) or {name: ..., option: ...}; default: model.dtype."""
+    """How the frozen weights are stored: a registered base (fp32, bf16, fp16; nf4, fp4, int8 quantised) or {name: ..., option: ...}; default: model.dtype."""
     params: Any = None
     """Which parameters train, and in what form: {name: lora, r: 8, ...} or just a method name."""
     optimizer: Any = None
@@ -383,17 +383,21 @@ def _method(axis: str, spec: Any, default: str) -> Any:
 
 def _base(spec: Any, model: ModelConfig, given: Any) -> Any:
     """The recipe's base; ``model.dtype`` names it when ``base`` is not set. A dense base (one
-    of model.dtype's choices) is the model's dtype, so the two must agree when both are given."""
+    of model.dtype's choices) is the model's dtype, and a quantised base's ``compute_dtype`` is
+    the dtype of its unquantised parts, so the two must agree when both are given."""
     base = _method("base", spec, model.dtype)
     dense = typing.get_args(typing.get_type_hints(ModelConfig)["dtype"])
-    if base.name in dense:
+    want = base.name if base.name in dense else getattr(base, "compute_dtype", None)
+    if want is not None:
         named = isinstance(given, dict) and "dtype" in given
-        if named and model.dtype != base.name:
+        if named and model.dtype != want:
+            what = repr(base.name)
+            if base.name != want:
+                what += f" computes in {want!r} (base.compute_dtype), which"
             raise SlimtuneError(
-                f"config: base: {base.name!r} disagrees with model.dtype {model.dtype!r}; "
-                "set one of them"
+                f"config: base: {what} disagrees with model.dtype {model.dtype!r}; set one of them"
             )
-        model.dtype = base.name
+        model.dtype = want
     return base
 
 

@@ -40,12 +40,12 @@ def fmt_bytes(n: float) -> str:
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Bytes of the tensors an optimizer keeps per parameter (moments, bases, histories)."""
     inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
-    return sum(
-        t.numel() * t.element_size()
-        for state in inner.state.values()
-        for t in state.values()
-        if isinstance(t, torch.Tensor)
-    )
+    seen: dict[int, int] = {}  # by storage: bitsandbytes' 8-bit maps are shared by every tensor
+    for state in inner.state.values():
+        for t in state.values():
+            if isinstance(t, torch.Tensor):
+                seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(seen.values())
 
 
 _LIBC: ctypes.CDLL | None = None

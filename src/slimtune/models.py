@@ -243,14 +243,17 @@ def load_model(
     base: Any = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load ``(model, tokenizer)``. ``device=None`` leaves the model on the CPU for accelerate.
-    ``base`` (a base-axis spec, e.g. a recipe's ``cfg.base``) says how the weights are stored;
-    by default, the dense base that ``dtype`` names."""
-    from . import registry
+    ``base`` (a base-axis spec: a recipe's ``cfg.base``, a name such as ``"nf4"`` or a mapping
+    ``{"name": "nf4", "compute_dtype": "fp32"}``) says how the weights are stored; by default,
+    the dense base that ``dtype`` names."""
+    from . import config, registry
 
     if base is None:
         if dtype not in DTYPES:
             raise SlimtuneError(f"model.dtype: {dtype!r}: choose one of {', '.join(DTYPES)}")
         base = registry.get("base", dtype).Config()
+    elif isinstance(base, str | dict):
+        base = config._method("base", base, dtype)
     storage = registry.build("base", base)
     if name == TINY:
         tok = tiny_tokenizer()

@@ -58,6 +58,14 @@ class ParamsMethod(Method):
     # False: the loop refuses train.gradient_checkpointing with one line (e.g. prefix tuning,
     # whose key/value prefixes peft applies again when a block is recomputed)
     supports_checkpointing: ClassVar[bool] = True
+    # True: the base model's own weights never change (adapters, prompts, side networks), so a
+    # quantised base (nf4, int8) can serve it; False: it trains or rewrites base weights
+    frozen_base: ClassVar[bool] = False
+
+    def base_change(self) -> str | None:
+        """How this configuration changes the base model's own weights (for the one line a
+        quantised base refuses it with); None where they stay as loaded."""
+        return None if self.frozen_base else "trains or rewrites them"
 
     def prepare(self, model: nn.Module, ctx: PrepareContext) -> nn.Module:
         """Inject adapters / freeze / re-parameterise. Returns the model to train."""
@@ -174,6 +182,10 @@ class OptimizerMethod(Method, ABC):
         fp16 loss scaling or several processes. ``train`` is the recipe's train section."""
         return None
 
+    def check_device(self, device: str) -> None:
+        """Refuse (one-line ``SlimtuneError``) a device kind ('cpu', 'cuda') it cannot run on."""
+        return None
+
     def supports_objective(self, name: str) -> bool:
         """Whether this optimizer's step minimises objective ``name`` (the default step uses
         ``ctx.loss_sum``, which is the objective's, so any)."""
@@ -234,8 +246,23 @@ class BaseWeights(Method):
         quantise what the loader did not; by default nothing."""
         return model
 
+    quantised: ClassVar[bool] = False  # True: linear weights held in fewer than 16 bits
+
+    @property
+    def dtype_name(self) -> str:
+        """The recipe's name of ``torch_dtype`` (``model.dtype`` must agree with it)."""
+        return self.name
+
     def check(self, params: ParamsMethod, optimizer: OptimizerMethod) -> None:
         """Refuse, with a one-line ``SlimtuneError``, methods this base cannot serve."""
+
+    def check_device(self, device: str) -> None:
+        """Refuse (one-line ``SlimtuneError``) a device kind ('cpu', 'cuda') it cannot run on."""
+
+    def dequantise(self, model: nn.Module) -> nn.Module:
+        """The model with plain floating-point weights equal to those it computes with (what a
+        merge folds an update into); a dense base is that already."""
+        return model
 
 
 @dataclass

@@ -34,6 +34,8 @@ class Lora(ParamsMethod):
     run's own data), loftq (init against a 4-bit quantised W). Saved in PEFT format.
     """
 
+    frozen_base = True
+
     @dataclass
     class Config:
         r: int = 8
@@ -82,7 +84,8 @@ class Lora(ParamsMethod):
     def memory(self, plan: Any) -> None:
         """A (r x in) and B (out x r) per targeted linear, fp32 (peft keeps adapters in fp32
         over 16-bit bases); each keeps its input (dropout: a copy and its mask) and the r-wide
-        A output for backward. DoRA adds the magnitude vector and, per layer, the dense
+        A output for backward; over a 16-bit or quantised base, peft casts the input to the
+        adapter's float32 first, so each adapter keeps that copy (and its A output) in fp32. DoRA adds the magnitude vector and, per layer, the dense
         W + BA whose column norms it takes (a temporary)."""
         from ...plan.planner import BLOCK_LINEARS, Adapter, Spec
 
@@ -100,11 +103,18 @@ class Lora(ParamsMethod):
             out, inp = s.shape
             plan.add_new(Spec(s.name + ".lora_A", (c.r, inp), "adapter", s.layer, s.module, 4.0))
             plan.add_new(Spec(s.name + ".lora_B", (out, c.r), "adapter", s.layer, s.module, 4.0))
-            extra = c.r + (inp * (1 + 1 / plan.work.act_bytes) if c.dropout else 0)
+            a = plan.work.act_bytes
+            extra = c.r + (inp * (1 + 1 / a) if c.dropout else 0)
+            shared = plan.work.param_bytes == 4  # fp32 adapters read the layer's own input
+            if not shared:  # over a 16-bit base, each adapter keeps its own float32 copy
+                # the cast input (or dropout's output and its one-byte mask) and A's output
+                extra = (inp * 4 + (inp if c.dropout else 0) + c.r * 4) / a
             if c.dora:
                 plan.add_new(Spec(s.name + ".magnitude", (out,), "adapter", s.layer, s.module, 4.0))
                 extra += out  # the scaled output before the magnitude
-            plan.adapters.append(Adapter(s.layer, s.module, saves_input=True, act_per_token=extra))
+            plan.adapters.append(
+                Adapter(s.layer, s.module, saves_input=shared, act_per_token=extra)
+            )
         if c.dora and chosen:
             plan.add(
                 "temporaries",
@@ -114,6 +124,16 @@ class Lora(ParamsMethod):
             )
         if plan.quantised and chosen:
             plan.note("LoRA over a quantised base (QLoRA)")
+
+    def base_change(self) -> str | None:
+        init = self.cfg.init
+        if init in CONVERTED_INITS:
+            return f"init {init!r} moves the principal part of W into the adapter"
+        if init == "loftq":
+            # peft's LoftQ replaces W by its own quantised copy; initialising against a
+            # quantised base that is already loaded is not built yet
+            return "init 'loftq' replaces W by its own quantised copy"
+        return None
 
     def _peft_config(self, model: nn.Module) -> LoraConfig:
         c = self.cfg

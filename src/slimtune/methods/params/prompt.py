@@ -20,6 +20,7 @@ class _VirtualTokens(ParamsMethod):
     """Shared by prompt and prefix tuning: a peft prompt-learning adapter, saved in PEFT format."""
 
     mergeable = False
+    frozen_base = True
 
     @dataclass
     class Config:
