@@ -212,3 +212,54 @@ def test_qlora_optimizer_side_8bit_state_on_cpu_and_paging_refused(tmp_path, cls
     assert main(["train", str(path)]) == 2
     assert "paged=true needs CUDA" in capsys.readouterr().err
     assert not (tmp_path / "paged").exists()
+
+
+@pytest.mark.parametrize("name", ["nf4", "int8"])
+def test_loftq_initialises_against_the_quantised_base_it_runs_on(tmp_path, cls_data, name):
+    """LoftQ on a quantised base: Q + s B A (the run's own Q) is closer to the checkpoint's W
+    than Q alone, by exactly the rank-r part of W - Q, and the base stays as loaded."""
+    from peft.tuners.lora import LoraLayer
+
+    from slimtune.models import tiny_llama
+
+    recipe = tiny_recipe(
+        cls_data, tmp_path / "run", base={"name": name, "compute_dtype": "fp32"},
+        params={"name": "lora", "r": 8, "init": "loftq", "target_modules": ["q_proj", "down_proj"]},
+        train={"steps": 1},
+        optimizer={"name": "adamw", "lr": 0.0},  # keep A and B as initialised
+    )  # fmt: skip
+    result = train(config.from_dict(recipe))
+    dense = dict(tiny_llama(vocab_size=259).named_parameters())
+    storage = registry.build("base", config.from_dict(recipe).base)
+    layers = [(n, m) for n, m in result.model.named_modules() if isinstance(m, LoraLayer)]
+    assert len(layers) == 4  # q_proj and down_proj of both blocks
+    for n, m in layers:
+        w = dense[n.removeprefix("base_model.model.") + ".weight"].detach()
+        q = storage.dense_weight(m.get_base_layer()).float()
+        ba = m.scaling["default"] * m.lora_B["default"].weight @ m.lora_A["default"].weight
+        best = torch.linalg.svdvals(w - q)[8:].square().sum().sqrt()  # Eckart-Young
+        # fp32 SVD and products of 64- to 128-wide matrices: the residual norm equals the
+        # tail of the spectrum to ~1e-6 relative (1e-4 leaves room, a wrong scale or
+        # transposition is off by O(1))
+        torch.testing.assert_close(torch.linalg.norm(w - q - ba), best, rtol=1e-4, atol=1e-6)
+        assert torch.linalg.norm(w - q - ba) < 0.9 * torch.linalg.norm(w - q)
+    assert (tmp_path / "run" / "adapter_model.safetensors").is_file()
+    assert not (tmp_path / "run" / "base").exists()  # the base is the one the recipe loads
+
+
+@pytest.mark.parametrize(
+    "params", [m for m in registry.names("params") if registry.get("params", m).frozen_base]
+)
+def test_every_frozen_base_method_trains_on_nf4(tmp_path, cls_data, params):
+    seen = {}
+
+    def on_step(step, model, row):
+        if step == 0:
+            seen["before"] = quantised_state(model)
+
+    spec = {"name": params, **({"num_virtual_tokens": 4} if "tuning" in params else {})}
+    recipe = tiny_recipe(cls_data, tmp_path / "run", base="nf4", params=spec, train={"steps": 2})
+    result = train(config.from_dict(recipe), on_step=on_step)
+    assert result.summary["steps"] == 2 and seen["before"]
+    after = quantised_state(result.model)
+    assert all(torch.equal(after[k], v) for k, v in seen["before"].items())

@@ -27,7 +27,7 @@ from .errors import SlimtuneError
 from .loss import Head, find_head
 from .memory import optimizer_state_bytes, peak_bytes, trim_after_blocks
 from .methods.base import Objective, OptimizerMethod, ParamsMethod, PrepareContext
-from .models import load_recipe_model, pick_device
+from .models import dense_weights, load_recipe_model, pick_device
 from .plan.planner import device_kind
 
 log = logging.getLogger(__name__)
@@ -125,6 +125,10 @@ def assemble(
     own = local.calibration if local is not None else None
     source = own or (lambda: _calibration(splits, tc.batch_size, tc.seed + 1, tok.pad_token_id))
     ctx = PrepareContext(tok, work_dir, tc.seed, source, extras={"total_steps": steps})
+    storage = registry.build("base", cfg.base)
+    if storage.quantised:  # what the base replaced, for inits that compare (LoftQ)
+        ctx.extras["dense_weight"] = dense_weights(cfg.model.name)
+        ctx.extras["quantised_weight"] = storage.dense_weight
     model = _prepare(cfg, acc, method, model, ctx)
     raw = optim_method.build(method.param_groups(model, cfg.optimizer.weight_decay), model)
     if local is not None and local.setup is not None:

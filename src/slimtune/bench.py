@@ -446,8 +446,8 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         *([f"Run with the recipe's own options: {'; '.join(inherited)}.", ""] if inherited else []),
         f"Peak: {ms[0]['peak_kind']} of the method's process (evaluation included). Planned: "
-        "`slimtune plan` for the same recipe, which prices every batch at data.max_seq_len "
-        "(padded batches are usually shorter, so measured peaks can fall below). s/step and "
+        "`slimtune plan` for the same recipe, which prices the widest batch the run draws "
+        "from its data (and, on CPU, the recipe's train.trim_memory setting). s/step and "
         "tokens/s: the optimizer steps alone (evaluation, loading and saving excluded). "
         "Utilisation: model FLOPs per token (planner) x tokens/s / GEMM peak (the larger of "
         "two measurements, before and after the methods); tokens/s counts non-padding tokens.",

@@ -280,6 +280,37 @@ def load_model(
     return model, tok
 
 
+def dense_weights(name: str) -> Callable[[str], torch.Tensor]:
+    """The checkpoint's own weights of model ``name`` by parameter name, read lazily from its
+    safetensors files: what a quantised base replaced, for initialisations that compare the
+    two (LoftQ)."""
+    if name == TINY:
+        state = tiny_llama(vocab_size=len(tiny_tokenizer())).state_dict()
+        return state.__getitem__
+    where = resolve(name)
+    files = sorted(where.glob("*.safetensors")) if where is not None else []
+    if not files:
+        raise SlimtuneError(
+            f"model: {name!r}: no local safetensors checkpoint to read the unquantised weights "
+            "from (download the model to a directory and name that)"
+        )
+    index: dict[str, Path] = {}
+
+    def read(key: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        if not index:
+            for f in files:
+                with safe_open(str(f), "pt") as h:
+                    index.update(dict.fromkeys(h.keys(), f))
+        if key not in index:
+            raise SlimtuneError(f"model: {name!r}: the checkpoint has no tensor {key!r}")
+        with safe_open(str(index[key]), "pt") as h:
+            return h.get_tensor(key)
+
+    return read
+
+
 def load_recipe_model(
     model: ModelConfig, place: bool = True, base: Any = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:

@@ -129,15 +129,14 @@ class Lora(ParamsMethod):
         init = self.cfg.init
         if init in CONVERTED_INITS:
             return f"init {init!r} moves the principal part of W into the adapter"
-        if init == "loftq":
-            # peft's LoftQ replaces W by its own quantised copy; initialising against a
-            # quantised base that is already loaded is not built yet
-            return "init 'loftq' replaces W by its own quantised copy"
-        return None
+        return None  # LoftQ on a quantised base initialises against it (prepare)
 
     def _peft_config(self, model: nn.Module) -> LoraConfig:
         c = self.cfg
         init: bool | str = {"default": True, "gaussian": "gaussian"}.get(c.init, c.init)
+        peft_loftq = c.init == "loftq" and not getattr(self, "on_quantised", False)
+        if c.init == "loftq" and not peft_loftq:
+            init = True  # loftq_on_base sets A and B after injection
         if c.init == "pissa" and c.pissa_niter > 0:
             init = f"pissa_niter_{c.pissa_niter}"
         targets: list[str] | str | None = c.target_modules or None
@@ -163,15 +162,17 @@ class Lora(ParamsMethod):
             use_rslora=c.rslora,
             bias=c.bias,
             modules_to_save=c.modules_to_save or None,
-            loftq_config=LoftQConfig(loftq_bits=c.loftq_bits) if c.init == "loftq" else {},
+            loftq_config=LoftQConfig(loftq_bits=c.loftq_bits) if peft_loftq else {},
             corda_config=CordaConfig(corda_method=c.corda_mode) if c.init == "corda" else None,
         )
 
     def prepare(self, model: nn.Module, ctx: PrepareContext) -> nn.Module:
-        if self.cfg.init == "loftq" and not torch.cuda.is_available():
+        self.on_quantised = self.cfg.init == "loftq" and "quantised_weight" in ctx.extras
+        if self.cfg.init == "loftq" and not self.on_quantised and not torch.cuda.is_available():
             # peft's LoftQ quantiser moves every weight to a CUDA (or XPU) device.
             raise SlimtuneError(
-                "config: params.init: loftq needs a CUDA device (peft computes it there)"
+                "config: params.init: loftq needs a CUDA device (peft computes it there) or a "
+                "quantised base (base: nf4), which it then initialises against on any device"
             )
         config = self._peft_config(model)
         if self.cfg.init == "corda":
@@ -180,6 +181,8 @@ class Lora(ParamsMethod):
             peft_model = get_peft_model(model, config)
         except ValueError as e:
             raise SlimtuneError(f"config: params: {str(e).splitlines()[0]}") from None
+        if self.on_quantised:
+            loftq_on_base(peft_model, ctx)
         self.initial: Path | None = None
         if self.cfg.init in CONVERTED_INITS:
             self.initial = ctx.work_dir / "initial-adapter"
@@ -220,7 +223,7 @@ class Lora(ParamsMethod):
                 shutil.rmtree(scratch, ignore_errors=True)
         else:
             model.save_pretrained(out_dir)
-        if self.cfg.init == "loftq":
+        if self.cfg.init == "loftq" and not self.on_quantised:
             # LoftQ replaced W by its quantised version: the adapter only fits that base.
             # Save it under the plain module names (without peft's base_layer / lora_ entries).
             base = model.get_base_model()
@@ -244,3 +247,29 @@ class Lora(ParamsMethod):
 
     def merge(self, model: nn.Module) -> nn.Module:
         return model.merge_and_unload()
+
+
+def loftq_on_base(model: PeftModel, ctx: PrepareContext) -> None:
+    """LoftQ (Li et al., https://arxiv.org/abs/2310.08659) against the quantised base the run
+    holds: with Q the base's own quantised weight and W the checkpoint's, s B A is the best
+    rank-r approximation of W - Q (its SVD), so Q + s B A starts closer to W than Q. This is
+    LoftQ's first alternation; later ones would re-quantise W - s B A and so change the base,
+    which a run on a quantised base keeps exactly as loaded. ``ctx.extras`` gives the
+    checkpoint's weights by name (``dense_weight``) and the base's dequantised weight of a
+    layer (``quantised_weight``)."""
+    from peft.tuners.lora import LoraLayer
+
+    dense, quantised = ctx.extras["dense_weight"], ctx.extras["quantised_weight"]
+    for name, module in model.named_modules():
+        if not isinstance(module, LoraLayer) or "default" not in module.lora_A:
+            continue
+        a, b = module.lora_A["default"].weight, module.lora_B["default"].weight
+        key = name.removeprefix("base_model.model.") + ".weight"
+        w = dense(key).to(device=a.device, dtype=torch.float32)
+        q = quantised(module.get_base_layer()).to(torch.float32)
+        u, s, vh = torch.linalg.svd(w - q, full_matrices=False)
+        r = a.shape[0]
+        root = (s[:r] / module.scaling["default"]).sqrt()
+        with torch.no_grad():
+            b.copy_((u[:, :r] * root).to(b.dtype))
+            a.copy_((root[:, None] * vh[:r]).to(a.dtype))
