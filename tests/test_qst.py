@@ -141,8 +141,8 @@ def test_training_changes_only_the_side_network_and_the_loss_falls(tmp_path, cls
     recipe = tiny_recipe(
         cls_data,
         tmp_path / "run",
-        params={"name": "qst"},
-        optimizer={"name": "adamw", "lr": 1e-2},
+        params={"name": "qst", "reduction": 4},
+        optimizer={"name": "adamw", "lr": 3e-2},
         train={"steps": 12, "batch_size": 4, "progress": False, "eval_before": False},
     )
     before, losses = {}, []
@@ -157,8 +157,9 @@ def test_training_changes_only_the_side_network_and_the_loss_falls(tmp_path, cls
     for name, p in result.model.base.named_parameters():
         assert torch.equal(p, before[name]), f"base weight {name} changed"
     # 12 steps of 4 examples over 16 reviews: three passes over the data. The random base
-    # starts near ln(259 tokens) = 5.56 and the side reaches the head through a width-4
-    # upsampler: a slow but steady fall (seen: 5.53 -> 4.89); ask for 5% from pass 1 to pass 3
+    # starts near ln(259 tokens) = 5.56; the side (width 16) adds its correction after the
+    # base's final norm, a slow but steady fall on this random model; ask for 5% from pass 1
+    # to pass 3 (on SmolLM2 the demo's loss falls 3.31 -> 1.60 in 12 steps at lr 1e-3)
     assert sum(losses[-4:]) < 0.95 * sum(losses[:4]), losses
 
     # save -> load onto a fresh base: the same logits, the same side tensors

@@ -8,7 +8,7 @@ runs through. With h_0 the embedding output and h_i the output of block i (i = 1
     g_0 = down_1(h_0)
     z_i = a_i * down_i(h_i) + (1 - a_i) * g_{i-1},    a_i = sigmoid(gate_i)   (per channel)
     g_i = side_block_i(z_i)
-    y   = final_norm(h_L + exp(out_gate) * up(side_norm(g_L)))
+    y   = final_norm(h_L) + exp(out_gate) * up(side_norm(g_L))
     logits = head(y)                               (final_norm and head: the base's, frozen)
 
 What follows the paper's code (github.com/YouAreSpecialToMe/QST, modeling_llama_qst.py) and
@@ -27,12 +27,13 @@ what does not:
   starts at sigmoid(-0.5) and the side's share b of the output at sigmoid(-1), the paper's
   initial values.
 - output: the paper normalises h_L with the base's final norm and g_L with the side's own
-  RMSNorm, then mixes, and starts from a random upsampler (logits not the base's at step 0).
-  Here the side keeps its own norm, the upsampler starts at zero and the gated mix
-  b * up + (1 - b) * h_L, b = sigmoid(out_gate), goes *through* the base's final norm, divided
-  by (1 - b): a norm is scale invariant but for its epsilon, so this is the paper's gate, and
-  h_L + (b / (1 - b)) up = h_L + exp(out_gate) up makes the model start exactly as the base
-  model (as LoRA does with B = 0), whatever the scale of h_L against the norm's epsilon.
+  RMSNorm, then mixes them with a learned gate b, b * up + (1 - b) * final_norm(h_L), from a
+  random upsampler (logits not the base's at step 0). Here the mix is additive after the same
+  two norms: final_norm(h_L) + exp(out_gate) * up(...) with a zero-initialised upsampler (as
+  LoRA's B = 0), so the model starts exactly as the base model, and the side's correction has
+  the scale of the normalised hidden state. (Mixing *before* the final norm, as a first version
+  did, left the side's correction negligible against h_L's scale on SmolLM2: held-out accuracy
+  did not move in 38 demo steps.)
 
 Saved as ``qst_side.safetensors`` (the side network) and ``qst_config.json`` (its settings) next
 to the tokenizer; :meth:`QST.load` rebuilds it on a freshly loaded base.
@@ -146,9 +147,8 @@ class Gate(nn.Module):
 
 
 class OutputGate(nn.Module):
-    """The output mix b * side + (1 - b) * h_L, b = sigmoid(logit), divided by (1 - b), which
-    the base's final norm ignores but for its epsilon: h_L + exp(logit) * side (b / (1 - b) =
-    exp(logit)), exactly h_L while the upsampler is zero."""
+    """The output mix: the base's normalised h_L plus exp(logit) * side (per channel), exactly
+    the base's while the upsampler is zero."""
 
     def __init__(self, width: int, init: float):
         super().__init__()
@@ -192,8 +192,10 @@ class SideNetwork(nn.Module):
                 g = checkpoint(block, z, rope, mask, use_reentrant=False)
             else:
                 g = block(z, rope, mask)
-        mixed = self.out_gate(last, self.up(self.norm(g)))
-        return (final_norm(mixed.to(last.dtype)),)
+        with torch.no_grad():  # the base's own path needs no gradient
+            normed = final_norm(last)
+        mixed = self.out_gate(normed.to(self.up.weight.dtype), self.up(self.norm(g)))
+        return (mixed.to(last.dtype),)
 
 
 class QSTModel(nn.Module):
