@@ -59,6 +59,7 @@ def merge_check(steps: int, work: Path) -> None:
     )  # fmt: skip
     result = train(cfg)
     assert cli(["merge", str(run), str(merged_dir)]) == 0
+    assert cli(["merge", str(run), str(work / "merged-fp32"), "--dtype", "fp32"]) == 0
     tok = AutoTokenizer.from_pretrained(run)  # the run saved the tokenizer it trained with
     splits = load_splits(cfg.data, tok)
     prompts = [torch.tensor(e.input_ids)[None] for e in (splits.eval or splits.train)[:16]]
@@ -70,11 +71,13 @@ def merge_check(steps: int, work: Path) -> None:
 
     qlora = logits(result.model)
     merged = logits(AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.bfloat16))
+    fp32 = logits(AutoModelForCausalLM.from_pretrained(work / "merged-fp32", dtype=torch.float32))
     dense, _ = load_model(cfg.model.name, dtype="bf16")
     naive = logits(PeftModel.from_pretrained(dense, run).merge_and_unload())
     for label, other in (
-        ("merged (dequantised base)", merged),
-        ("merged into the original weights", naive),
+        ("slimtune merge (bf16, the run's model.dtype)", merged),
+        ("slimtune merge --dtype fp32", fp32),
+        ("the adapter merged into the original bf16 weights", naive),
     ):
         diff = max((a - b).abs().max().item() for a, b in zip(qlora, other))
         agree = sum(

@@ -115,8 +115,11 @@ def _load_run(run_dir: Path, overrides: list[str], dense: bool = False):
         config.merge(config.read_yaml(run_dir / "config.yaml"), config.parse_overrides(overrides))
     )
     base, tok = load_recipe_model(cfg.model, base=cfg.base)
-    if dense:
-        base = registry.build("base", cfg.base).dequantise(base)
+    storage = registry.build("base", cfg.base)
+    if dense and storage.quantised:
+        # the weights it computed with, in fp32: an update smaller than a bf16 weight's
+        # rounding step survives the fold (merge casts to model.dtype once at the end)
+        base = storage.dequantise(base).float()
     method = registry.build("params", cfg.params)
     try:
         model = method.load(base, run_dir)
@@ -165,17 +168,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_merge(args: argparse.Namespace) -> int:
     from .checkpoint import atomic_dir, commit_dir
+    from .models import DTYPES
 
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise SlimtuneError(f"merge: output {str(out)!r} exists; choose a new directory")
     quiet_libraries()
-    _, model, tok, method = _load_run(Path(args.run_dir), [], dense=True)
+    cfg, model, tok, method = _load_run(Path(args.run_dir), [], dense=True)
     merged = method.merge(model)
-    if args.dtype is not None:
-        from .models import DTYPES
-
-        merged = merged.to(DTYPES[args.dtype])  # folded at the run's precision, then cast once
+    dtype = args.dtype or (cfg.model.dtype if cfg.base.name not in DTYPES else None)
+    if dtype is not None:
+        merged = merged.to(DTYPES[dtype])  # folded at the run's precision, then cast once
     tmp = atomic_dir(out)
     try:
         merged.save_pretrained(tmp)

@@ -117,7 +117,8 @@ class Quantised(BaseWeights):
 
     def dequantise(self, model: nn.Module) -> nn.Module:
         """Replace every quantised layer by an ``nn.Linear`` holding its dequantised weight in
-        the compute dtype: the exact weights the run trained against (for merging)."""
+        the compute dtype: the exact weights the run trained against (for merging; ``.float()``
+        after it keeps them exact, since a bf16 value is an fp32 value)."""
         kinds = tuple(type(m) for _, m in self.quantised_modules(model))
         for parent in list(model.modules()):
             for name, child in list(parent.named_children()):
