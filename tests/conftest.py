@@ -103,3 +103,26 @@ def assert_resume_exact(straight, data_path: Path, out: Path, kill_at: int, **se
     for (n, a), b in zip(straight.model.named_buffers(), resumed.model.buffers()):
         assert torch.equal(a, b), n
     return ckpt
+
+
+def autograd_saved_bytes(model, batch: dict) -> int:
+    """Bytes autograd keeps for backward over one training forward of the loop's loss on
+    ``batch`` (distinct storages, parameters excluded)."""
+    import torch
+
+    from slimtune.loss import causal_lm_loss, find_head
+
+    head = find_head(model)
+    model.train()
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        key = t.untyped_storage().data_ptr()
+        if key not in params:
+            seen[key] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        causal_lm_loss(model, head, batch, 256)
+    return sum(seen.values())

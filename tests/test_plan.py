@@ -284,9 +284,10 @@ def _saved_bytes(spec, padded: bool) -> tuple[float, object, ModelShape]:
     from pathlib import Path
 
     from slimtune import config
-    from slimtune.loss import causal_lm_loss, find_head
     from slimtune.methods.base import PrepareContext
     from slimtune.models import tiny_llama, tiny_tokenizer
+
+    from .conftest import autograd_saved_bytes
 
     torch.manual_seed(0)
     model = tiny_llama(num_hidden_layers=3)
@@ -305,20 +306,7 @@ def _saved_bytes(spec, padded: bool) -> tuple[float, object, ModelShape]:
     m = registry.get("params", cfg.name)(cfg)
     model = m.prepare(model, PrepareContext(tiny_tokenizer(), Path("unused"), 0, calibration))
     model.config.use_cache = False
-    head = find_head(model)
-    model.train()
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        key = t.untyped_storage().data_ptr()
-        if key not in params:
-            seen[key] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        causal_lm_loss(model, head, batch, 256)
-    return sum(seen.values()), m, shape
+    return autograd_saved_bytes(model, batch), m, shape
 
 
 SAVED_CASES = [(n, False) for n in registry.names("params")] + [("full", True), ("lora", True)]

@@ -16,7 +16,7 @@ from slimtune.methods.base import PrepareContext
 from slimtune.methods.shared import decoder_layers
 from slimtune.models import load_model, tiny_llama, tiny_tokenizer
 
-from .conftest import tiny_recipe
+from .conftest import autograd_saved_bytes, tiny_recipe
 
 IDS = torch.tensor([[1, 40, 50, 60, 70, 80, 90, 100], [1, 7, 8, 9, 10, 11, 12, 13]])
 MASK = torch.tensor([[1] * 8, [0, 0, 0, 1, 1, 1, 1, 1]])  # the second row left-padded
@@ -94,22 +94,8 @@ def test_no_base_module_keeps_a_tensor_for_backward(downsample):
 
 
 def _saved_bytes(model) -> int:
-    """Bytes autograd keeps over one training forward of the loop's loss (distinct storages,
-    parameters excluded)."""
-    head = find_head(model)
-    model.train()
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        key = t.untyped_storage().data_ptr()
-        if key not in params:
-            seen[key] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        causal_lm_loss(model, head, batch(), 256)
-    return sum(seen.values())
+    """Bytes autograd keeps over one training forward of the loop's loss."""
+    return autograd_saved_bytes(model, batch())
 
 
 def test_qst_keeps_far_less_for_backward_than_backprop_through_the_base():
