@@ -136,6 +136,8 @@ def test_three_bits_train_save_load_merge(tmp_path):
     train_steps(model)
     want = logits(model)
     assert all(not torch.equal(m.scale, start[n]) for n, m in layers.items())
+    # training moved the logits, far beyond fp32 rounding of O(1) logits (~1e-7): a "moved"
+    # check, so a loose 1e-4 only makes it stricter about what counts as movement
     assert not torch.allclose(want, untrained, atol=1e-4)
 
     method.save(model, tiny_tokenizer(), tmp_path)

@@ -41,9 +41,10 @@ DTYPE_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0}
 # Quantised linear weights, bytes per parameter: 4-bit NF4/FP4 with double quantisation (QLoRA:
 # blocks of 64 with an 8-bit absmax, one fp32 per 256 blocks; without it one fp32 absmax per
 # block, Workload.double_quant) and LLM.int8 (one fp32 scale per row, ~0).
+FOUR_BIT = 0.5 + 1 / 64 + 4 / (64 * 256)
 QUANT_BYTES = {
-    "nf4": 0.5 + 1 / 64 + 4 / (64 * 256),
-    "fp4": 0.5 + 1 / 64 + 4 / (64 * 256),
+    "nf4": FOUR_BIT,
+    "fp4": FOUR_BIT,
     "int8": 1.0,
 }
 

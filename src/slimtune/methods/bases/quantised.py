@@ -58,6 +58,7 @@ class Quantised(BaseWeights):
 
     quantised: ClassVar[bool] = True
     bits: ClassVar[int]
+    flag: ClassVar[str]  # the model attribute peft reads to pick its quantised LoRA layers
 
     @dataclass
     class Config(BaseWeights.Config):
@@ -95,49 +96,47 @@ class Quantised(BaseWeights):
         for parent in list(model.modules()):
             for name, child in list(parent.named_children()):
                 if type(child) is nn.Linear and child is not head:
-                    setattr(parent, name, self._quantise(bnb, child))
-        self._mark(model)
+                    q = self._quantise(bnb, child)
+                    if child.bias is not None:
+                        q.bias = self._frozen(child.bias)
+                    setattr(parent, name, q)
+        setattr(model, self.flag, True)
         # the dense weights and the quantiser's temporaries (a few MB each, so on glibc's
         # heap) are freed by now; hand their pages back rather than keep them resident
         trim_heap()
         return model
 
+    def _frozen(self, t: torch.Tensor) -> nn.Parameter:
+        return nn.Parameter(t.detach().to(self.torch_dtype), requires_grad=False)
+
     def _quantise(self, bnb: Any, linear: nn.Linear) -> nn.Module:
-        raise NotImplementedError
+        """The quantised layer of ``linear``'s weight (its bias is set by the caller)."""
+        raise NotImplementedError(f"base {self.name!r} quantises no layer")
 
-    def _mark(self, model: nn.Module) -> None:
-        """What peft and transformers read to treat the model as quantised."""
-
-    def quantised_modules(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
-        raise NotImplementedError
+    def layer_type(self) -> type:
+        """The class of the layers :meth:`_quantise` makes."""
+        raise NotImplementedError(f"base {self.name!r} names no layer type")
 
     def dense_weight(self, module: nn.Module) -> torch.Tensor:
         """The weight a quantised layer computes with, dequantised to the compute dtype."""
-        raise NotImplementedError
+        raise NotImplementedError(f"base {self.name!r} cannot dequantise")
 
     def dequantise(self, model: nn.Module) -> nn.Module:
         """Replace every quantised layer by an ``nn.Linear`` holding its dequantised weight in
         the compute dtype: the exact weights the run trained against (for merging; ``.float()``
         after it keeps them exact, since a bf16 value is an fp32 value)."""
-        kinds = tuple(type(m) for _, m in self.quantised_modules(model))
+        kind = self.layer_type()
         for parent in list(model.modules()):
             for name, child in list(parent.named_children()):
-                if kinds and isinstance(child, kinds):
+                if isinstance(child, kind):
                     dense = nn.Linear(
-                        child.in_features,
-                        child.out_features,
-                        bias=child.bias is not None,
-                        device="meta",
+                        child.in_features, child.out_features, bias=False, device="meta"
                     )
-                    dense.weight = nn.Parameter(self.dense_weight(child), requires_grad=False)
+                    dense.weight = self._frozen(self.dense_weight(child))
                     if child.bias is not None:
-                        dense.bias = nn.Parameter(
-                            child.bias.detach().to(self.torch_dtype), requires_grad=False
-                        )
+                        dense.bias = self._frozen(child.bias)
                     setattr(parent, name, dense)
-        for flag in ("is_loaded_in_4bit", "is_loaded_in_8bit"):
-            if getattr(model, flag, False):
-                setattr(model, flag, False)
+        setattr(model, self.flag, False)
         return model
 
 
@@ -145,6 +144,7 @@ class FourBit(Quantised):
     """bitsandbytes 4-bit blocks (64 weights share one absmax constant)."""
 
     bits = 4
+    flag = "is_loaded_in_4bit"
     quant_type: ClassVar[str]
 
     @dataclass
@@ -170,8 +170,6 @@ class FourBit(Quantised):
             module=q,
         )
         q.weight = weight._quantize(linear.weight.device)
-        if linear.bias is not None:
-            q.bias = nn.Parameter(linear.bias.detach().to(self.torch_dtype), requires_grad=False)
         # On CPUs with AVX512-BF16 an eval-mode forward without gradients repacks the weight
         # into an inference layout whose kernel has no backward: a later training step then
         # gets no gradient through the layer and nothing says so (ENVIRONMENT.md). Keep the
@@ -179,12 +177,8 @@ class FourBit(Quantised):
         q.support_avx512bf16_for_cpu = False
         return q
 
-    def _mark(self, model: nn.Module) -> None:
-        model.is_loaded_in_4bit = True
-
-    def quantised_modules(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
-        bnb = _bnb()
-        return [(n, m) for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
+    def layer_type(self) -> type:
+        return _bnb().nn.Linear4bit
 
     def dense_weight(self, module: nn.Module) -> torch.Tensor:
         bnb = _bnb()
@@ -226,6 +220,7 @@ class Int8(Quantised):
     training and evaluation compute the same function."""
 
     bits = 8
+    flag = "is_loaded_in_8bit"
 
     @dataclass
     class Config(Quantised.Config):
@@ -251,16 +246,10 @@ class Int8(Quantised):
             has_fp16_weights=False,
         )
         q.weight = q.weight.to(linear.weight.device)  # quantises (row-wise absmax, int8)
-        if linear.bias is not None:
-            q.bias = nn.Parameter(linear.bias.detach().to(self.torch_dtype), requires_grad=False)
         return q
 
-    def _mark(self, model: nn.Module) -> None:
-        model.is_loaded_in_8bit = True
-
-    def quantised_modules(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
-        bnb = _bnb()
-        return [(n, m) for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear8bitLt)]
+    def layer_type(self) -> type:
+        return _bnb().nn.Linear8bitLt
 
     def dense_weight(self, module: nn.Module) -> torch.Tensor:
         w = module.weight

@@ -223,9 +223,7 @@ class PEQA(ParamsMethod):
         """Freeze ``model`` and replace its targeted linears by :class:`QuantLinear` (in place)."""
         model.requires_grad_(False)
         for name, lin in self._targets(model).items():
-            parent, _, child = name.rpartition(".")
-            layer = QuantLinear(lin, self.cfg.bits, self.cfg.group_size)
-            setattr(model.get_submodule(parent), child, layer)
+            model.set_submodule(name, QuantLinear(lin, self.cfg.bits, self.cfg.group_size))
         return model
 
     def prepare(self, model: nn.Module, ctx: PrepareContext) -> nn.Module:
@@ -271,8 +269,7 @@ class PEQA(ParamsMethod):
 
     def merge(self, model: nn.Module) -> nn.Module:
         for name, layer in quant_layers(model).items():
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, layer.to_linear())
+            model.set_submodule(name, layer.to_linear())
         return model
 
     def export_quantised(self, model: nn.Module, path: Path) -> None:

@@ -242,6 +242,5 @@ class SpIEL(ParamsMethod):
 
     def merge(self, model: nn.Module) -> nn.Module:
         for name, layer in _wrapped(model).items():
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), child, layer.merged())
+            model.set_submodule(name, layer.merged())
         return model
