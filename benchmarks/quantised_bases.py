@@ -10,7 +10,11 @@ PEQA and QST run with their defaults and their own learning rates (``--peqa-lr``
     .venv/bin/python benchmarks/quantised_bases.py --out benchmarks/results/quantised_bases_cpu
 
 About 25 minutes on 2 cores (seven methods, about 3.5 minutes each with both evaluations).
-``--steps N`` shortens every run (the held-out numbers then say less).
+``--steps N`` shortens every run (the held-out numbers then say less). ``--seeds 0,1,2`` repeats
+the chosen rows with each ``train.seed`` (initialisation and data order; the held-out split is
+the same) and ends with each row's mean held-out accuracy over the seeds, and each row's mean
+difference from the first row with its standard error over the seeds (the differences are
+paired: the same seed gives both rows the same data order).
 
 ``--merge-check`` instead trains QLoRA (nf4, bf16 compute) for ``--steps`` (default 10) on the
 demo recipe, merges it with ``slimtune merge`` and compares logits on held-out prompts: the
@@ -94,6 +98,7 @@ def main() -> None:
     parser.add_argument("--peqa-lr", type=float, default=5e-5)
     parser.add_argument("--qst-lr", type=float, default=1e-3)
     parser.add_argument("--only", default="", help="comma-separated row numbers (0-based)")
+    parser.add_argument("--seeds", default="", help="comma-separated train.seed values")
     parser.add_argument("--merge-check", action="store_true")
     args = parser.parse_args()
     if args.merge_check:
@@ -111,8 +116,40 @@ def main() -> None:
     specs = methods(args.peqa_lr, args.qst_lr)
     if args.only:
         specs = [specs[int(i)] for i in args.only.split(",")]
-    report = bench.run(recipe, bench.parse_methods(specs), args.out)
-    print(bench.markdown(report))
+    if not args.seeds:
+        report = bench.run(recipe, bench.parse_methods(specs), args.out)
+        print(bench.markdown(report))
+        return
+    accuracy: dict[str, list[float]] = {}
+    for seed in (int(s) for s in args.seeds.split(",")):
+        recipe["train"]["seed"] = seed
+        report = bench.run(recipe, bench.parse_methods(specs), args.out / f"seed-{seed}")
+        print(bench.markdown(report))
+        for m in report["methods"]:
+            accuracy.setdefault(m["label"], []).append(m["eval_after"]["accuracy"])
+    print(seed_table(accuracy, args.seeds))
+
+
+def seed_table(accuracy: dict[str, list[float]], seeds: str) -> str:
+    """Mean held-out accuracy per row over the seeds, and the paired difference from the first
+    row (mean and its standard error, sample standard deviation / sqrt(seeds))."""
+    import statistics
+
+    first = next(iter(accuracy.values()))
+    lines = [
+        f"Held-out accuracy over train.seed {seeds}:",
+        "",
+        "| method | per seed | mean | difference from the first row | its standard error |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for label, acc in accuracy.items():
+        diff = [a - b for a, b in zip(acc, first)]
+        se = statistics.stdev(diff) / len(diff) ** 0.5 if len(diff) > 1 else float("nan")
+        lines.append(
+            f"| {label} | {' '.join(f'{a:.3f}' for a in acc)} | {statistics.mean(acc):.3f} "
+            f"| {statistics.mean(diff):+.3f} | {se:.3f} |"
+        )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

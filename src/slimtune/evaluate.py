@@ -20,7 +20,7 @@ from transformers import PreTrainedTokenizerBase
 
 from .config import EvalConfig
 from .data import IGNORE, Example, collate
-from .loss import Head, _innermost, causal_lm_loss
+from .loss import Head, _innermost, causal_lm_loss, no_logits
 
 
 @dataclass
@@ -59,7 +59,7 @@ def _score(
         chunk = rows[i : i + bs]
         batch = collate([Example(r.ids, r.ids) for r in chunk], pad_id)
         ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-        keep = {} if head.module is None else {"logits_to_keep": 1}
+        keep = {} if head.module is None else {"logits_to_keep": no_logits(device)}
         out = model(
             input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False, **keep
         )

@@ -14,7 +14,7 @@ import torch.autograd.forward_ad as fwAD
 from torch import nn
 
 from ....data import IGNORE
-from ....loss import Head, _innermost, chunked_ce
+from ....loss import Head, _innermost, chunked_ce, no_logits
 from .noise import PerturbedTensor
 from .perturbation import Pass, Perturber, Unstackable
 
@@ -90,7 +90,7 @@ class SegmentForward:
             self.model(
                 input_ids=ids,
                 attention_mask=mask,
-                logits_to_keep=torch.empty(0, dtype=torch.long, device=ids.device),
+                logits_to_keep=no_logits(ids.device),
                 use_cache=False,
             )
         finally:
