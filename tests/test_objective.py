@@ -10,31 +10,43 @@ import pytest
 import torch
 
 from slimtune import config, registry
-from slimtune.data import collate, load_splits
+from slimtune.data import DataConfig, collate, load_splits
 from slimtune.errors import SlimtuneError
 from slimtune.loop import train
 from slimtune.loss import causal_lm_loss, find_head
-from slimtune.methods.base import Objective
+from slimtune.methods.base import Objective, ObjectiveContext
 from slimtune.models import load_model
 
 from .conftest import tiny_recipe
 
 
-def _batch(cls_data):
+def _batch(cls_data, pairs: bool = False):
+    """Four examples of the classification data; for an objective that reads preference pairs,
+    the same reviews as pairs (the right label chosen, the other rejected)."""
     model, tok = load_model("tiny-llama")
     cfg = config.from_dict(tiny_recipe(cls_data, cls_data.parent / "unused"))
-    examples = load_splits(cfg.data, tok).train[:4]
-    return model, collate(examples, tok.pad_token_id)
+    if pairs:
+        rows = [json.loads(x) for x in cls_data.read_text().splitlines()]
+        words = [" negative", " positive"]
+        path = cls_data.parent / "pairs.jsonl"
+        path.write_text("".join(json.dumps({"prompt": r["text"], "chosen": words[r["label"]],
+                                            "rejected": words[1 - r["label"]]}) + "\n"
+                                for r in rows))  # fmt: skip
+        cfg.data = DataConfig(path=str(path), format="preference")
+    return model, load_splits(cfg.data, tok), tok.pad_token_id
 
 
 @pytest.mark.parametrize("name", registry.names("objective"))
 def test_objective_contract(cls_data, name):
     """A finite scalar loss with gradients for every trainable weight it reaches, a positive
     normaliser, and the default objective equal to loss.py's causal-LM loss bit for bit."""
-    model, batch = _batch(cls_data)
     cls = registry.get("objective", name)
+    model, splits, pad = _batch(cls_data, pairs=cls.pairs)
     objective = registry.build("objective", cls.Config())  # the objective at its defaults
     head = find_head(model)
+    full = registry.build("params", registry.get("params", "full").Config())
+    objective.setup(ObjectiveContext(model, full, splits, head, 8, 4, pad))
+    batch = collate(splits.train[:4], pad)  # after setup: a precomputed reference rides along
     loss = objective.loss_sum(model, head, batch, 8)
     assert loss.ndim == 0 and torch.isfinite(loss)
     assert objective.targets(batch) > 0

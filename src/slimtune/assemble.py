@@ -26,7 +26,13 @@ from .data import Batches, Splits, Tokenise, load_splits, total_steps
 from .errors import SlimtuneError
 from .loss import Head, find_head
 from .memory import optimizer_state_bytes, peak_bytes, trim_after_blocks
-from .methods.base import Objective, OptimizerMethod, ParamsMethod, PrepareContext
+from .methods.base import (
+    Objective,
+    ObjectiveContext,
+    OptimizerMethod,
+    ParamsMethod,
+    PrepareContext,
+)
 from .models import dense_weights, load_recipe_model, pick_device
 from .plan.planner import device_kind
 
@@ -139,13 +145,20 @@ def assemble(
     # Resolve the head before accelerate wraps forward in autocast: the check compares the
     # model's own logits with head(final hidden state) in the model's dtype.
     head = find_head(model)
+    objective = registry.build("objective", cfg.objective)
+    objective.setup(
+        ObjectiveContext(
+            model, method, splits, head, tc.loss_chunk_tokens, cfg.eval.batch_size,
+            tok.pad_token_id, progress=tc.progress and acc.is_main_process,
+        )
+    )  # fmt: skip
     trims = _trims(model) if tc.trim_memory and acc.device.type == "cpu" else []
     model.train()
     wrapped, optimizer = acc.prepare(model, raw)
     return Parts(
         method=method,
         optim_method=optim_method,
-        objective=registry.build("objective", cfg.objective),
+        objective=objective,
         tok=tok,
         splits=splits,
         batches=batches,
@@ -177,6 +190,12 @@ def _methods(cfg: RunConfig, world: int) -> tuple[ParamsMethod, OptimizerMethod]
         raise SlimtuneError(
             f"optimizer: {cfg.optimizer.name} cannot minimise objective {cfg.objective.name!r}; "
             "choose a first-order optimizer (e.g. adamw) or objective causal-lm"
+        )
+    objective = registry.get("objective", cfg.objective.name)
+    if objective.pairs and cfg.data.format != "preference":
+        raise SlimtuneError(
+            f"objective: {cfg.objective.name} learns from preference pairs; data.format is "
+            f"{cfg.data.format!r} (set data.format: preference: prompt, chosen, rejected)"
         )
     if cfg.train.gradient_checkpointing and not method.supports_checkpointing:
         raise SlimtuneError(

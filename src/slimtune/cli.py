@@ -133,7 +133,7 @@ def _load_run(run_dir: Path, overrides: list[str], dense: bool = False):
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from . import config
+    from . import config, registry
     from .data import load_splits
     from .evaluate import evaluate, held_out_lines
     from .loss import find_head
@@ -142,12 +142,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     target = Path(args.target)
     quiet_libraries()
     if target.is_dir():
-        cfg, model, tok, _ = _load_run(target, args.overrides)
+        cfg, model, tok, method = _load_run(target, args.overrides)
     else:
         cfg = config.load(target, args.overrides)
         model, tok = load_recipe_model(cfg.model, base=cfg.base)
+        method = None  # the model as loaded: its own reference
     splits = load_splits(cfg.data, tok)
     examples = splits.eval or splits.train
+    objective = registry.build("objective", cfg.objective)
+    if objective.pairs:  # a preference run: its reference policy beside the model
+        objective.attach_reference(
+            model, method, lambda: load_recipe_model(cfg.model, base=cfg.base)[0]
+        )
     metrics = evaluate(
         model,
         tok,
@@ -157,6 +163,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         cfg.train.loss_chunk_tokens,
         progress=cfg.train.progress,
         desc="eval",
+        objective=objective,
     )
     n = min(len(examples), cfg.eval.max_examples or len(examples))  # what evaluate() scored
     print(json.dumps({"examples": n, **metrics}, indent=1))

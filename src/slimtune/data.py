@@ -59,7 +59,8 @@ class Example:
     prompt_ids: list[int] = field(default_factory=list)
     choice_ids: list[list[int]] | None = None
     answer: int | None = None
-    rejected_ids: list[int] | None = None
+    rejected_ids: list[int] | None = None  # preference data: the rejected answer's tokens
+    reference: tuple[float, float] | None = None  # reference log-probs (chosen, rejected)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -354,12 +355,58 @@ def _classification(rec: Record, cfg: DataConfig) -> Pair:
     return Pair(prompt, spaced[answer], spaced, answer, template=template, fields=row)
 
 
+def _is_messages(value: Any) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(m, dict) and "role" in m and "content" in m for m in value
+    )
+
+
+def _answer(rec: Record, cfg: DataConfig, role: str, value: Any) -> tuple[list, str]:
+    """A chosen / rejected value as (the messages before its answer, the answer's text): a
+    string is the answer alone; a list of messages ends with the assistant's answer."""
+    name = cfg.columns.get(role, role)
+    if isinstance(value, str):
+        return [], value
+    if not _is_messages(value) or not value or value[-1]["role"] != "assistant":
+        raise SlimtuneError(
+            f"{rec.where}: column {name!r} must be text or a list of {{role, content}} "
+            "messages ending with the assistant's answer"
+        )
+    return list(value[:-1]), str(value[-1]["content"])
+
+
 def _preference(rec: Record, cfg: DataConfig) -> Pair:
-    prompt = str(_col(rec, cfg, "prompt"))
-    chosen = str(_col(rec, cfg, "chosen"))
-    rejected = str(_col(rec, cfg, "rejected"))
-    if cfg.chat:
-        return Pair([{"role": "user", "content": prompt}], chosen, rejected=rejected)
+    """A prompt, a chosen and a rejected answer. The common layouts: three strings; a prompt
+    (string or messages) with chosen / rejected as one assistant message each; or no prompt
+    column, chosen and rejected as whole conversations that share every turn but the last."""
+    prompt = _col(rec, cfg, "prompt", required=False)
+    chosen_before, chosen = _answer(rec, cfg, "chosen", _col(rec, cfg, "chosen"))
+    rejected_before, rejected = _answer(rec, cfg, "rejected", _col(rec, cfg, "rejected"))
+    if chosen_before != rejected_before:
+        raise SlimtuneError(
+            f"{rec.where}: chosen and rejected conversations differ before their last turn "
+            "(a preference pair answers one prompt)"
+        )
+    if prompt is None:
+        if not chosen_before:
+            _col(rec, cfg, "prompt")  # raises: names the missing column
+        prompt = chosen_before
+    elif isinstance(prompt, str):
+        prompt = [*chosen_before, {"role": "user", "content": prompt}] if chosen_before else prompt
+    elif _is_messages(prompt):
+        prompt = [*prompt, *chosen_before]
+    else:
+        name = cfg.columns.get("prompt", "prompt")
+        raise SlimtuneError(f"{rec.where}: column {name!r} must be text or a list of messages")
+    if not (prompt.strip() if isinstance(prompt, str) else prompt):
+        raise SlimtuneError(f"{rec.where}: empty prompt")
+    for role, text in (("chosen", chosen), ("rejected", rejected)):
+        if not text.strip():
+            raise SlimtuneError(f"{rec.where}: empty {role} answer")
+    if chosen == rejected:
+        raise SlimtuneError(f"{rec.where}: chosen and rejected answers are the same text")
+    if cfg.chat and isinstance(prompt, str):
+        prompt = [{"role": "user", "content": prompt}]
     return Pair(prompt, chosen, rejected=rejected)
 
 
@@ -559,9 +606,16 @@ class Truncation:
         return out
 
 
+def _length(ex: Example) -> int:
+    """Tokens of the longest sequence an example makes: prompt + chosen, or prompt + rejected."""
+    rejected = len(ex.prompt_ids) + len(ex.rejected_ids) if ex.rejected_ids is not None else 0
+    return max(len(ex.input_ids), rejected)
+
+
 def _truncate(ex: Example, max_len: int) -> Example:
-    """Drop the start of the prompt first, so the response (what is learnt) survives."""
-    extra = len(ex.input_ids) - max_len
+    """Drop the start of the prompt first, so the response (what is learnt) survives; then the
+    end of the response (of a preference pair: of both answers, each to what fits)."""
+    extra = _length(ex) - max_len
     if extra <= 0:
         return ex
     n_prompt = len(ex.prompt_ids)
@@ -569,6 +623,8 @@ def _truncate(ex: Example, max_len: int) -> Example:
     ids, labels = ex.input_ids[cut:], ex.labels[cut:]
     ex.input_ids, ex.labels = ids[:max_len], labels[:max_len]
     ex.prompt_ids = ex.prompt_ids[cut:]
+    if ex.rejected_ids is not None:
+        ex.rejected_ids = ex.rejected_ids[: max_len - len(ex.prompt_ids)]
     return ex
 
 
@@ -650,9 +706,9 @@ def _fit(
         if fitted is not None:
             return fitted[0], "field", fitted[1]
         kind = "template"
-    after_prompt = len(ex.input_ids) - len(ex.prompt_ids)
+    after_prompt = _length(ex) - len(ex.prompt_ids)
     ex = _truncate(ex, cfg.max_seq_len)
-    if len(ex.input_ids) - len(ex.prompt_ids) < after_prompt:
+    if _length(ex) - len(ex.prompt_ids) < after_prompt:
         kind = "end"
     return ex, kind, ()
 
@@ -700,9 +756,9 @@ def _examples(
     out, cuts = [], Cuts(len(pairs))
     for pair in pairs:
         ex = tokenise(pair)
-        if (n := len(ex.input_ids)) > cfg.max_seq_len:
+        if (n := _length(ex)) > cfg.max_seq_len:
             ex, kind, names = _fit(ex, pair, tokenise, cfg)
-            cuts.add(kind, n - len(ex.input_ids), names)
+            cuts.add(kind, n - _length(ex), names)
         out.append(ex)
     return out, cuts
 
@@ -755,7 +811,22 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
         ids[i, :n] = torch.tensor(ex.input_ids)
         labels[i, :n] = torch.tensor(ex.labels)
         mask[i, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    if examples and all(ex.rejected_ids is not None for ex in examples):
+        # preference pairs: the rejected sequences (prompt + rejected answer) beside the chosen
+        rejected = [
+            Example(
+                ex.prompt_ids + ex.rejected_ids, [IGNORE] * len(ex.prompt_ids) + ex.rejected_ids
+            )
+            for ex in examples
+        ]
+        other = collate(rejected, pad_id)
+        batch |= {f"rejected_{k}": v for k, v in other.items()}
+    if examples and all(ex.reference is not None for ex in examples):
+        # reference log-probabilities computed before training (objective: dpo, precomputed)
+        ref = torch.tensor([ex.reference for ex in examples], dtype=torch.float32)
+        batch |= {"ref_chosen_logps": ref[:, 0], "ref_rejected_logps": ref[:, 1]}
+    return batch
 
 
 def index_stream(n: int, seed: int, start: int = 0) -> Iterator[int]:

@@ -476,8 +476,10 @@ def evaluate(
     *,
     progress: bool = False,
     desc: str = "eval",
+    objective: Any = None,
 ) -> dict:
-    """Metrics on ``examples``: loss and perplexity always; accuracy when they carry choices.
+    """Metrics on ``examples``: loss and perplexity always; accuracy when they carry choices;
+    a preference ``objective``'s own metrics (``pref_*``) when they are preference pairs.
 
     ``progress``: draw one tqdm bar (on stderr, main process only) titled ``desc``.
     """
@@ -516,6 +518,15 @@ def evaluate(
             answers = [ex.answer for ex in held]
             if all(a is not None for a in answers):
                 metrics |= class_metrics(answers, picks, class_names(tok, held))
+        pairs = [ex for ex in examples if ex.rejected_ids is not None]
+        if objective is not None and getattr(objective, "pairs", False) and pairs:
+            bar.set_postfix_str("pairs", refresh=False)
+            device = next(model.parameters()).device
+            batches = [
+                {k: v.to(device) for k, v in collate(pairs[i : i + cfg.batch_size], pad).items()}
+                for i in range(0, len(pairs), cfg.batch_size)
+            ]
+            metrics |= objective.evaluate(model, head, batches, chunk)
         if n_samples:
             bar.set_postfix_str("generate", refresh=False)
             metrics["samples"] = samples(

@@ -117,7 +117,7 @@ class Run:
             return {}
         t, p, tc = time.perf_counter(), self.p, self.tc
         data = (p.plain, p.tok, p.head, p.splits.eval, self.cfg.eval, tc.loss_chunk_tokens)
-        result = evaluate(*data, progress=tc.progress, desc=f"eval {tag}")
+        result = evaluate(*data, progress=tc.progress, desc=f"eval {tag}", objective=p.objective)
         result["seconds"] = time.perf_counter() - t
         metrics = {k: v for k, v in result.items() if k != "samples"}
         self.log({"step": self.step, "eval": tag, **metrics})
@@ -206,7 +206,15 @@ class Run:
             "step_s": dt,
             "peak_mem_mb": peak_bytes(acc.device) / 2**20,
         }
-        return {**row, **result.metrics}
+        return {**row, **result.metrics, **self.objective_metrics()}
+
+    def objective_metrics(self) -> dict[str, float]:
+        """The objective's own means of this step (preference margins, ...), over processes."""
+        mine = self.p.objective.metrics()
+        if not mine or self.acc.num_processes == 1:
+            return mine
+        values = torch.tensor(list(mine.values()), device=self.acc.device)
+        return dict(zip(mine, self.acc.reduce(values, "mean").tolist()))
 
     def count(self, micro: list[dict[str, torch.Tensor]], what: Callable) -> int:
         """``what(batch)`` summed over the micro-batches of all processes."""

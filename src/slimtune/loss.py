@@ -157,28 +157,36 @@ def no_logits(device: torch.device) -> torch.Tensor:
     return torch.empty(0, dtype=torch.long, device=device)
 
 
-def causal_lm_loss(
-    model: nn.Module, head: Head, batch: dict[str, torch.Tensor], chunk: int = 256
-) -> tuple[torch.Tensor, int]:
-    """Summed next-token cross-entropy over target tokens, and the number of target tokens."""
+def _target_rows(
+    model: nn.Module, head: Head, batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    """One forward: the rows to project (final hidden states, or without a head module the
+    model's logits) of the positions that have a target, the targets, the (rows x positions)
+    mask of those positions, and whether the rows are hidden states under autograd."""
     labels = batch["labels"][:, 1:]
     keep = labels != IGNORE
-    n = int(keep.sum())
     targets = labels[keep]
     if head.module is None:  # fallback: the model's own logits, still reduced chunk by chunk
         rows = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         # [:, -T:]: prompt tuning prepends virtual tokens to the sequence
-        rows, recompute = rows[:, -labels.shape[1] - 1 : -1][keep], False
-    else:
-        out = model(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            output_hidden_states=True,
-            logits_to_keep=no_logits(batch["input_ids"].device),
-            use_cache=False,
-        )
-        hidden = out.hidden_states[-1][:, -labels.shape[1] - 1 : -1]  # drop virtual tokens
-        rows, recompute = hidden[keep], torch.is_grad_enabled()
+        return rows[:, -labels.shape[1] - 1 : -1][keep], targets, keep, False
+    out = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        output_hidden_states=True,
+        logits_to_keep=no_logits(batch["input_ids"].device),
+        use_cache=False,
+    )
+    hidden = out.hidden_states[-1][:, -labels.shape[1] - 1 : -1]  # drop virtual tokens
+    return hidden[keep], targets, keep, torch.is_grad_enabled()
+
+
+def causal_lm_loss(
+    model: nn.Module, head: Head, batch: dict[str, torch.Tensor], chunk: int = 256
+) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy over target tokens, and the number of target tokens."""
+    rows, targets, _, recompute = _target_rows(model, head, batch)
+    n = len(targets)
     total = rows.sum() * 0.0  # keeps the graph connected when a batch has no target
     if not recompute:
         return chunked_ce(head, rows, targets, chunk, total), n
@@ -191,3 +199,40 @@ def causal_lm_loss(
             # Recompute this chunk's logits in backward instead of storing them.
             total = total + checkpoint(_chunk_ce, head, r, t, use_reentrant=False)
     return total, n
+
+
+def _chunk_logps(head: Head, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Log-probability of each target under its row's logits (fp32)."""
+    logits = rows.float() if head.module is None else head.logits(rows)
+    return -F.cross_entropy(logits, targets, reduction="none")
+
+
+def token_logps(
+    model: nn.Module, head: Head, batch: dict[str, torch.Tensor], chunk: int = 256
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The log-probability of every target token of ``batch`` (fp32, row by row in order, with a
+    graph when gradients are on) and the (rows x positions) mask saying where they are. The head
+    runs ``chunk`` targets at a time and, under autograd, recomputes each chunk's logits in
+    backward: one chunk x vocab buffer at once, as for the causal-LM loss (a preference loss
+    weighs every sequence differently, so the frozen-head shortcut, which forms one gradient for
+    the plain sum, does not apply)."""
+    rows, targets, keep, recompute = _target_rows(model, head, batch)
+    parts = [rows.sum(dim=-1)[:0].float()]  # keeps the graph connected without targets
+    for i in range(0, len(targets), chunk):
+        r, t = rows[i : i + chunk], targets[i : i + chunk]
+        if recompute:
+            parts.append(checkpoint(_chunk_logps, head, r, t, use_reentrant=False))
+        else:
+            parts.append(_chunk_logps(head, r, t))
+    return torch.cat(parts), keep
+
+
+def sequence_logps(
+    model: nn.Module, head: Head, batch: dict[str, torch.Tensor], chunk: int = 256
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of ``batch``: the summed log-probability of its target tokens and their count
+    (see ``token_logps``)."""
+    per_token, keep = token_logps(model, head, batch, chunk)
+    owner = torch.arange(keep.shape[0], device=keep.device)[:, None].expand_as(keep)[keep]
+    logps = per_token.new_zeros(keep.shape[0]).index_add(0, owner, per_token)
+    return logps, keep.sum(dim=1)

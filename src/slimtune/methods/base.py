@@ -67,6 +67,13 @@ class ParamsMethod(Method):
         quantised base refuses it with); None where they stay as loaded."""
         return None if self.frozen_base else "trains or rewrites them"
 
+    def adapters_off_is_base(self) -> bool:
+        """True where the prepared model with its adapters disabled (peft's ``disable_adapter``)
+        computes the checkpoint the run loaded, unchanged: a preference objective's reference
+        policy then costs no second copy of the weights. False by default (a method that
+        trains or rewrites base weights)."""
+        return False
+
     def prepare(self, model: nn.Module, ctx: PrepareContext) -> nn.Module:
         """Inject adapters / freeze / re-parameterise. Returns the model to train."""
         return model
@@ -223,6 +230,40 @@ class Objective(Method):
         """The loss of ``batch`` summed over its ``targets`` (a scalar tensor with a graph when
         gradients are on); ``head`` and ``chunk`` are loss.py's chunked output head."""
         raise NotImplementedError(f"objective {self.name!r} has no loss")
+
+    # A preference objective reads pairs (data.format: preference): the loop refuses other data.
+    pairs: ClassVar[bool] = False
+
+    def setup(self, ctx: ObjectiveContext) -> None:
+        """Once, after the params method prepared the model and before the first step (also on
+        a resume: the model is still the initial one then): e.g. fix a reference policy."""
+
+    def metrics(self) -> dict[str, float]:
+        """Means of the objective's own per-step quantities since the last call (the loop adds
+        them to each metrics row); none by default."""
+        return {}
+
+    def evaluate(
+        self, model: nn.Module, head: Any, batches: list[dict[str, torch.Tensor]], chunk: int
+    ) -> dict[str, float]:
+        """Held-out metrics of the objective on collated ``batches`` (no gradients); none by
+        default (the loop's evaluation reports loss and accuracy for every objective)."""
+        return {}
+
+
+@dataclass
+class ObjectiveContext:
+    """What :meth:`Objective.setup` gets: the prepared model (unwrapped, on its device, not yet
+    trained), its params method, the data, the chunked head and the evaluation batch size."""
+
+    model: nn.Module
+    method: ParamsMethod
+    splits: Any  # data.Splits
+    head: Any
+    chunk: int
+    batch_size: int
+    pad_id: int
+    progress: bool = False
 
 
 class BaseWeights(Method):

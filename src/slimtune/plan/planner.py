@@ -124,6 +124,11 @@ class Workload:
     # 15%); without trimming the plan adds what glibc keeps (Plan._allocator_terms)
     trim_memory: bool = True
     seq_source: str = ""  # where ``seq`` comes from, for the plan's output (plan/lengths.py)
+    # a preference objective: ``batch`` counts sequences (chosen and rejected: twice the
+    # pairs); every sequence's log-prob is weighed apart, so the head's logits are recomputed
+    # per chunk in backward; ``reference`` 'copy' holds a second set of the weights
+    pairs: bool = False
+    reference: str = ""
 
     @property
     def tokens(self) -> int:
@@ -508,6 +513,8 @@ class Plan:
         weights = sum(s.nbytes for s in self.base)
         note = f"{sh.total_params / 1e9:.2f}B parameters at {w.weights}"
         terms.append(Term("weights", weights, "always", note))
+        if w.reference == "copy":
+            terms.append(Term("reference copy", weights, "always", "objective.reference: copy"))
         if self.new:
             n_new = sum(s.numel for s in self.new)
             terms.append(
@@ -553,10 +560,12 @@ class Plan:
         sh, w = self.shape, self.work
         chunk = min(w.loss_chunk or tokens, tokens)
         v = sh.vocab
-        if self.head_trains():
+        if self.head_trains() or w.pairs:
             # logits recomputed in backward: logits, log-softmax, their gradients (fp32)
             loss = 4 * chunk * v * 4.0
-            what = "logits recomputed per chunk (head trains)"
+            what = "logits recomputed per chunk (" + (
+                "head trains)" if self.head_trains() else "per-sequence log-probs)"
+            )
         else:
             # one fp32 logits buffer per chunk, the softmax formed in place; the input
             # gradient (tokens x hidden) is kept for backward
@@ -661,6 +670,11 @@ def workload_of(cfg: Any, **fields: Any) -> Workload:
         trim_memory=tc.trim_memory,
         padded=not cfg.data.packing,
     )
+    from .. import registry
+
+    if registry.get("objective", cfg.objective.name).pairs:  # chosen and rejected in one forward
+        reference = getattr(cfg.objective, "reference", "")
+        described |= {"batch": 2 * tc.batch_size, "pairs": True, "reference": reference}
     return Workload(**{**described, **fields})
 
 

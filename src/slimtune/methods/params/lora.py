@@ -125,6 +125,11 @@ class Lora(ParamsMethod):
         if plan.quantised and chosen:
             plan.note("LoRA over a quantised base (QLoRA)")
 
+    def adapters_off_is_base(self) -> bool:
+        # not after an init that moves part of W into the adapter (pissa, olora, corda) or
+        # fits the adapter to a quantisation error (loftq): only B = 0 leaves W as loaded
+        return self.cfg.init in ("default", "gaussian")
+
     def base_change(self) -> str | None:
         init = self.cfg.init
         if init in CONVERTED_INITS:

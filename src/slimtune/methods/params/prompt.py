@@ -22,6 +22,9 @@ class _VirtualTokens(ParamsMethod):
     mergeable = False
     frozen_base = True
 
+    def adapters_off_is_base(self) -> bool:
+        return True  # disabled, peft prepends no virtual tokens: the loaded model itself
+
     @dataclass
     class Config:
         num_virtual_tokens: int = 20

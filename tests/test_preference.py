@@ -1,0 +1,259 @@
+"""Preference objectives (dpo, ipo, orpo, simpo) through slimtune.train: data layouts and bad
+rows, the reference policy, per-step and held-out metrics, refused combinations. The parity of
+the losses with TRL is in test_preference_trl.py."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from slimtune import config, registry
+from slimtune.cli import main as cli
+from slimtune.data import DataConfig, collate, load_splits
+from slimtune.errors import SlimtuneError
+from slimtune.loop import train
+from slimtune.loss import find_head
+from slimtune.models import load_model
+
+from .conftest import REVIEWS, tiny_recipe, write_jsonl
+
+TOK = load_model("tiny-llama")[1]
+PREFERENCE = [n for n in registry.names("objective") if registry.get("objective", n).pairs]
+
+
+@pytest.fixture
+def pref_data(tmp_path):
+    words = [" negative", " positive"]
+    rows = [
+        {"prompt": f"Review: {t}\nSentiment:", "chosen": words[y], "rejected": words[1 - y]}
+        for t, y in REVIEWS
+    ]
+    return write_jsonl(tmp_path / "pref.jsonl", rows)
+
+
+def pref_recipe(data, out, **sections):
+    recipe = tiny_recipe(data, out, **sections)
+    recipe["data"] = {"path": str(data), "format": "preference", "eval_size": 4}
+    return recipe
+
+
+def capture_parts(monkeypatch) -> list:
+    """The Parts of every run slimtune.train assembles from here on (newest last)."""
+    import slimtune.loop as loop_mod
+
+    real, seen = loop_mod.assemble, []
+
+    def capture(*a, **k):
+        seen.append(real(*a, **k))
+        return seen[-1]
+
+    monkeypatch.setattr(loop_mod, "assemble", capture)
+    return seen
+
+
+def rows_of(run_dir):
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_every_preference_objective_is_registered():
+    assert {"dpo", "ipo", "orpo", "simpo"} <= set(PREFERENCE)
+
+
+@pytest.mark.parametrize("objective", PREFERENCE)
+@pytest.mark.parametrize("params", ["lora", "full"])
+def test_objective_trains_and_reports_preference_metrics(tmp_path, pref_data, objective, params):
+    out = tmp_path / "run"
+    recipe = pref_recipe(
+        pref_data, out, objective=objective, params=params,
+        train={"steps": 3, "eval_before": True},
+    )  # fmt: skip
+    result = train(config.from_dict(recipe))
+    rows = rows_of(out)
+    steps = [r for r in rows if "lr" in r]
+    assert len(steps) == 3 and all(torch.isfinite(torch.tensor(r["loss"])) for r in steps)
+    assert all({"logp_chosen", "logp_rejected", "pref_accuracy"} <= r.keys() for r in steps)
+    for tag in ("before", "after"):
+        held = result.summary[f"eval_{tag}"]
+        assert {"pref_loss", "pref_accuracy", "pref_logp_chosen"} <= held.keys(), held
+    if objective in ("dpo", "ipo"):
+        # the policy starts as the reference: every reward is 0 before the first update
+        assert steps[0]["reward_margin"] == 0.0
+        assert result.summary["eval_before"]["pref_reward_margin"] == pytest.approx(0, abs=1e-5)
+    saved = (out / "config.yaml").read_text()
+    assert f"objective:\n  name: {objective}" in saved
+
+
+@pytest.mark.parametrize(
+    "reference,params", [("adapters", "lora"), ("precomputed", "full"), ("copy", "full"),
+                         ("copy", "lora")],
+)  # fmt: skip
+def test_reference_log_probs_never_change(tmp_path, pref_data, reference, params, monkeypatch):
+    """The reference policy's log-probs of a fixed batch are the same before and after DPO
+    steps that move the policy (for every way to hold the reference)."""
+    out = tmp_path / "run"
+    recipe = pref_recipe(
+        pref_data, out, objective={"name": "dpo", "reference": reference}, params=params,
+        optimizer={"name": "adamw", "lr": 5e-2}, train={"steps": 3},
+    )  # fmt: skip
+    seen = {}
+    parts = capture_parts(monkeypatch)
+
+    def on_step(step, model, row):
+        if step == 0:
+            on_step.batch = collate(parts[0].splits.train[:4], parts[0].tok.pad_token_id)
+        objective, head = parts[0].objective, find_head(model)
+        with torch.no_grad():
+            ref = objective.reference_logps(model, head, on_step.batch, 8)
+            pol = objective.policy(model, head, on_step.batch, 8)
+        seen[step] = (torch.cat(ref).clone(), torch.cat([pol["chosen"], pol["rejected"]]))
+
+    train(config.from_dict(recipe), on_step=on_step)
+    assert sorted(seen) == [0, 1, 2, 3]
+    for step in (1, 2, 3):
+        assert torch.equal(seen[step][0], seen[0][0]), step  # the reference: fixed
+    assert not torch.allclose(seen[3][1], seen[0][1])  # the policy: moved
+    # before the first update the policy is the reference
+    torch.testing.assert_close(seen[0][1], seen[0][0], rtol=0, atol=1e-5)
+
+
+def test_auto_reference_disables_adapters_or_precomputes(tmp_path, pref_data, monkeypatch):
+    parts = capture_parts(monkeypatch)
+    modes = {}
+    for params in ("lora", "prompt-tuning", "full", {"name": "lora", "init": "pissa"}):
+        recipe = pref_recipe(pref_data, tmp_path / "run", objective="dpo", params=params,
+                             train={"steps": 1}, overwrite=True)  # fmt: skip
+        train(config.from_dict(recipe))
+        modes[params if isinstance(params, str) else "lora-pissa"] = parts[-1].objective.mode
+    assert modes == {"lora": "adapters", "prompt-tuning": "adapters",
+                     "full": "precomputed", "lora-pissa": "precomputed"}  # fmt: skip
+
+
+def test_adapters_reference_refused_where_it_is_not_the_base(tmp_path, pref_data):
+    for params, why in (("full", "has no adapters to disable"),
+                        ({"name": "lora", "init": "pissa"}, "does not leave the loaded")):  # fmt: skip
+        recipe = pref_recipe(pref_data, tmp_path / "run", params=params,
+                             objective={"name": "dpo", "reference": "adapters"})  # fmt: skip
+        with pytest.raises(SlimtuneError, match=why):
+            train(config.from_dict(recipe))
+        assert not (tmp_path / "run").exists()
+
+
+def test_preference_objective_needs_preference_data(tmp_path, cls_data, capsys):
+    recipe = tiny_recipe(cls_data, tmp_path / "run", objective="dpo")
+    path = tmp_path / "r.yaml"
+    import yaml
+
+    path.write_text(yaml.safe_dump(recipe))
+    assert cli(["train", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "objective: dpo learns from preference pairs" in err[0], err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "row,message",
+    [
+        ({"prompt": "p", "chosen": "a"}, "missing column 'rejected'"),
+        ({"prompt": "p", "chosen": "same", "rejected": "same"}, "are the same text"),
+        ({"prompt": "  ", "chosen": "a", "rejected": "b"}, "empty prompt"),
+        ({"prompt": "p", "chosen": "a", "rejected": ""}, "empty rejected answer"),
+        ({"chosen": "a", "rejected": "b"}, "missing column 'prompt'"),
+        (
+            {"chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+             "rejected": [{"role": "user", "content": "other"},
+                          {"role": "assistant", "content": "b"}]},
+            "differ before their last turn",
+        ),
+        ({"prompt": "p", "chosen": [{"role": "user", "content": "a"}], "rejected": "b"},
+         "ending with the assistant's answer"),
+    ],
+)  # fmt: skip
+def test_malformed_rows_get_one_line_naming_the_row(tmp_path, row, message):
+    good = {"prompt": "p", "chosen": "a", "rejected": "b"}
+    path = write_jsonl(tmp_path / "p.jsonl", [good, good, row])
+    with pytest.raises(SlimtuneError, match=message) as e:
+        load_splits(DataConfig(path=str(path), format="preference"), TOK)
+    assert "p.jsonl' line 3:" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_chat_layouts_give_the_same_pair(tmp_path):
+    """prompt/chosen/rejected as strings, as a prompt plus one assistant message each, and as
+    whole conversations (implicit prompt) make one example under a chat template."""
+    user = [{"role": "user", "content": "Is it good?"}]
+    rows = [
+        {"prompt": "Is it good?", "chosen": "yes", "rejected": "no"},
+        {"prompt": user, "chosen": [{"role": "assistant", "content": "yes"}],
+         "rejected": [{"role": "assistant", "content": "no"}]},
+        {"chosen": [*user, {"role": "assistant", "content": "yes"}],
+         "rejected": [*user, {"role": "assistant", "content": "no"}]},
+    ]  # fmt: skip
+    template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}"
+    template += "{% if add_generation_prompt %}<assistant>{% endif %}"
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    cfg = DataConfig(path=str(path), format="preference", chat=True, chat_template=template)
+    examples = load_splits(cfg, TOK).train
+    assert len(examples) == 3
+    first = examples[0]
+    for ex in examples[1:]:
+        assert (ex.input_ids, ex.labels, ex.rejected_ids) == (
+            first.input_ids, first.labels, first.rejected_ids,
+        )  # fmt: skip
+
+
+def test_long_pairs_are_cut_so_both_answers_fit(tmp_path):
+    rows = [{"prompt": "x" * 40, "chosen": "a", "rejected": "b" * 10}] * 2  # 1 byte: 1 token
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    splits = load_splits(DataConfig(path=str(path), format="preference", max_seq_len=24), TOK)
+    for ex in splits.train:
+        assert len(ex.input_ids) <= 24 and len(ex.prompt_ids) + len(ex.rejected_ids) == 24
+        assert len(ex.rejected_ids) == 11 and ex.prompt_ids  # the answers whole, the prompt cut
+    batch = collate(splits.train, TOK.pad_token_id)
+    assert batch["rejected_input_ids"].shape[1] <= 24
+    assert "prompt start cut" in splits.truncation.line()
+
+
+def test_zeroth_order_refuses_preference_objectives_in_one_line(tmp_path, pref_data):
+    recipe = pref_recipe(pref_data, tmp_path / "run", objective="dpo", optimizer="mezo")
+    with pytest.raises(SlimtuneError, match="optimizer: mezo cannot minimise objective 'dpo'"):
+        train(config.from_dict(recipe))
+
+
+@pytest.mark.parametrize("params", ["lora", "full"])
+def test_slimtune_eval_reports_a_preference_run(tmp_path, pref_data, params, capsys):
+    """`slimtune eval RUN_DIR` gives the run's held-out preference metrics: the reference is the
+    adapters-disabled model (LoRA) or the loaded checkpoint (full; the run precomputed the same
+    model's log-probs, in other batches: equal to float rounding)."""
+    out = tmp_path / "run"
+    recipe = pref_recipe(pref_data, out, objective="dpo", params=params, train={"steps": 2})
+    result = train(config.from_dict(recipe))
+    capsys.readouterr()
+    assert cli(["eval", str(out)]) == 0
+    got = json.loads(capsys.readouterr().out)
+    want = result.summary["eval_after"]
+    for key in ("pref_loss", "pref_accuracy", "pref_reward_margin", "pref_logp_chosen"):
+        assert got[key] == pytest.approx(want[key], abs=1e-4), key
+
+
+def test_planner_prices_pairs_and_the_reference(tmp_path, pref_data):
+    """A preference run forwards chosen and rejected together (twice the sequences of its
+    batch), recomputes the head's logits per chunk, and a copied reference is a second set of
+    weights; the adapters and precomputed references cost no weights."""
+    from slimtune.plan.planner import plan, workload_of
+    from slimtune.plan.shapes import load_shape
+
+    def priced(objective):
+        cfg = config.from_dict(pref_recipe(pref_data, tmp_path / "r", objective=objective))
+        work = workload_of(cfg)
+        p, o = registry.build("params", cfg.params), registry.build("optimizer", cfg.optimizer)
+        return work, {t.name: t.bytes for t in plan(load_shape("smollm2-135m"), p, o, work).terms}
+
+    sft_work, sft = priced("causal-lm")
+    for reference in ("auto", "adapters", "precomputed"):
+        work, terms = priced({"name": "dpo", "reference": reference})
+        assert work.batch == 2 * sft_work.batch and work.pairs
+        assert "reference copy" not in terms
+        assert terms["activations"] == pytest.approx(2 * sft["activations"], rel=0.01)
+    work, terms = priced({"name": "dpo", "reference": "copy"})
+    assert terms["reference copy"] == terms["weights"]
