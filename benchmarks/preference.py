@@ -10,7 +10,8 @@ Every run is a fresh process (peak RSS of that process), the same data, seed and
 
 ``--rows`` picks runs by name (default: all): ``dpo``, ``orpo``, ``simpo`` (LoRA, with held-out
 evaluation before and after), ``dpo-lisa`` (DPO training weights: LISA, precomputed reference),
-``mem-slimtune`` and ``mem-trl`` (DPO + LoRA, no evaluation: the memory comparison).
+``dpo-mezo`` (DPO by MeZO over LoRA: ``--mezo-steps`` at ``--mezo-lr``), ``mem-slimtune`` and
+``mem-trl`` (DPO + LoRA, no evaluation: the memory comparison).
 """
 
 from __future__ import annotations
@@ -37,9 +38,13 @@ LORA = {
 
 
 def recipe(args: argparse.Namespace, data: Path, out: Path, row: str) -> dict[str, Any]:
-    objective = {"dpo": "dpo", "orpo": "orpo", "simpo": "simpo", "dpo-lisa": "dpo"}.get(row, "dpo")
+    objective = {"orpo": "orpo", "simpo": "simpo"}.get(row, "dpo")
     params: Any = {"name": "lisa", "layers": 2, "interval": 5} if row == "dpo-lisa" else LORA
-    lr = {"dpo-lisa": 1e-5}.get(row, args.lr)
+    optimizer: dict[str, Any] = {"name": "adamw", "lr": {"dpo-lisa": 1e-5}.get(row, args.lr)}
+    steps = args.steps
+    if row == "dpo-mezo":  # two forwards a step, no backward: more, cheaper steps
+        optimizer = {"name": "mezo", "lr": args.mezo_lr, "eps": 1e-3}
+        steps = args.mezo_steps
     evaluate = not row.startswith("mem-")
     return {
         "model": {"name": MODEL, "dtype": "fp32"},
@@ -50,17 +55,18 @@ def recipe(args: argparse.Namespace, data: Path, out: Path, row: str) -> dict[st
             "max_seq_len": args.seq,
         },  # fmt: skip
         "params": params,
-        "optimizer": {"name": "adamw", "lr": lr},
+        "optimizer": optimizer,
         "objective": {"name": objective},
         "train": {
-            "steps": args.steps,
+            "steps": steps,
             "batch_size": args.batch,
             "seed": args.seed,
             "schedule": "constant",
             "eval_before": evaluate,
             "progress": False,
         },  # fmt: skip
-        "eval": {"batch_size": 8, "generate": 0, **({} if evaluate else {"max_examples": 0})},
+        # the memory rows: one held-out pair (the loop evaluates after training)
+        "eval": {"batch_size": 8, "generate": 0, **({} if evaluate else {"max_examples": 1})},
         "output_dir": str(out),
         "overwrite": True,
     }
@@ -122,14 +128,17 @@ def run(row: str, args: argparse.Namespace, data: Path, work: Path) -> dict[str,
     spec_recipe = recipe(args, data, w / "run", row)
     print(f"{row} ...", flush=True)
     res = run_worker([sys.executable, __file__, "--worker"], row, spec_recipe, w)
-    return {**json.loads((w / "result.json").read_text()), "peak_rss": res["peak_rss"]}
+    out = {**json.loads((w / "result.json").read_text()), "peak_rss": res["peak_rss"]}
+    (w / "result.json").write_text(json.dumps(out))
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path)
-    parser.add_argument("--rows", default="dpo,orpo,simpo,dpo-lisa,mem-slimtune,mem-trl")
+    parser.add_argument("--work", type=Path, help="work folder; rows finished there are reused")
+    parser.add_argument("--rows", default="dpo,orpo,simpo,dpo-lisa,dpo-mezo,mem-slimtune,mem-trl")
     parser.add_argument("--train", type=int, default=480)
     parser.add_argument("--held-out", type=int, default=128)
     parser.add_argument("--steps", type=int, default=30)
@@ -137,23 +146,32 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--mezo-steps", type=int, default=200)
+    parser.add_argument("--mezo-lr", type=float, default=5e-4)
     args = parser.parse_args()
     if args.worker:
         worker(args.worker)
         return
     from preference_pairs import pairs
 
-    work = Path(tempfile.mkdtemp(prefix="preference-bench-"))
+    work = args.work or Path(tempfile.mkdtemp(prefix="preference-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
     data = work / "hellaswag-pairs.jsonl"
     rows = pairs("hellaswag", args.seed, args.held_out + args.train)
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    results = {row: run(row, args, data, work) for row in args.rows.split(",")}
+    results = {}
+    for row in args.rows.split(","):
+        done = work / row / "result.json"  # --work of an earlier call: its finished rows stay
+        results[row] = (
+            json.loads(done.read_text()) if done.is_file() else run(row, args, data, work)
+        )
     lines = [
         f"# Preference objectives on HellaSwag pairs ({MODEL}, CPU, {time.strftime('%Y-%m-%d')})",
         "",
         f"`{' '.join(sys.argv)}`: {args.train} training pairs, {args.held_out} held out, "
         f"{args.steps} steps of batch {args.batch} pairs, max_seq_len {args.seq}, fp32, seed "
-        f"{args.seed}, LoRA r 8 on q/k/v/o, AdamW lr {args.lr} (LISA: 1e-5); each run a fresh "
+        f"{args.seed}, LoRA r 8 on q/k/v/o, AdamW lr {args.lr} (LISA: 1e-5; MeZO: "
+        f"{args.mezo_steps} steps at lr {args.mezo_lr}, eps 1e-3); each run a fresh "
         "process. Preference accuracy: the policy gives the gold ending the higher summed "
         "log-probability (reward accuracy: DPO's implicit reward).",
         "",

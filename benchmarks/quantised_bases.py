@@ -42,6 +42,7 @@ def methods(peqa_lr: float, qst_lr: float) -> list[str]:
         "lora:base=int8",
         f"peqa:optimizer.lr={peqa_lr}",
         f"qst:optimizer.lr={qst_lr}",
+        "lora:base=nf4;params.init=loftq",  # QLoRA with adapters fitted to the 4-bit error
     ]
 
 

@@ -5,6 +5,7 @@ the losses with TRL is in test_preference_trl.py."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -214,10 +215,34 @@ def test_long_pairs_are_cut_so_both_answers_fit(tmp_path):
     assert "prompt start cut" in splits.truncation.line()
 
 
-def test_zeroth_order_refuses_preference_objectives_in_one_line(tmp_path, pref_data):
-    recipe = pref_recipe(pref_data, tmp_path / "run", objective="dpo", optimizer="mezo")
-    with pytest.raises(SlimtuneError, match="optimizer: mezo cannot minimise objective 'dpo'"):
+@pytest.mark.parametrize("objective", ["dpo", "simpo"])
+@pytest.mark.parametrize("params", ["lora", "full"])
+def test_zeroth_order_minimises_a_preference_objective(tmp_path, pref_data, objective, params):
+    """MeZO evaluates the pair losses in its two perturbed forwards (chosen and rejected
+    stacked with the +eps and -eps copies); no gradient is ever formed; DPO's reference is
+    precomputed (the perturbed forwards must not compute it)."""
+    out = tmp_path / "run"
+    recipe = pref_recipe(pref_data, out, objective=objective, params=params,
+                         optimizer={"name": "mezo", "lr": 1e-3}, train={"steps": 3})  # fmt: skip
+    result = train(config.from_dict(recipe))
+    steps = [r for r in rows_of(out) if "lr" in r]
+    assert len(steps) == 3 and all("pref_accuracy" in r for r in steps)
+    assert all(p.grad is None for p in result.model.parameters())
+    if objective == "dpo":
+        assert steps[0]["reward_margin"] == pytest.approx(0, abs=1e-3)  # +-eps around the ref
+    # the two-point estimate moved the weights: the loss is not the same at every step
+    assert len({r["loss"] for r in steps}) > 1
+
+
+def test_zeroth_order_refusals_are_one_line(tmp_path, pref_data):
+    recipe = pref_recipe(pref_data, tmp_path / "run", objective="dpo", optimizer="forward-grad")
+    with pytest.raises(SlimtuneError, match="forward-grad cannot minimise objective 'dpo'"):
         train(config.from_dict(recipe))
+    recipe = pref_recipe(pref_data, tmp_path / "run", params="lora", optimizer="mezo",
+                         objective={"name": "dpo", "reference": "adapters"})  # fmt: skip
+    with pytest.raises(SlimtuneError, match="perturbs the weights inside its forwards"):
+        train(config.from_dict(recipe))
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("params", ["lora", "full"])
@@ -257,3 +282,88 @@ def test_planner_prices_pairs_and_the_reference(tmp_path, pref_data):
         assert terms["activations"] == pytest.approx(2 * sft["activations"], rel=0.01)
     work, terms = priced({"name": "dpo", "reference": "copy"})
     assert terms["reference copy"] == terms["weights"]
+
+
+def spin_recipe(cls_data, out, **objective):
+    recipe = tiny_recipe(cls_data, out, params="full",
+                         objective={"name": "spin", "iterations": 2, "max_new_tokens": 4,
+                                    **objective},
+                         optimizer={"name": "adamw", "lr": 5e-2}, train={"steps": 4})  # fmt: skip
+    recipe["data"]["limit"] = 8
+    return recipe
+
+
+def test_spin_answers_come_from_the_previous_iterations_model(tmp_path, cls_data, monkeypatch):
+    """Iteration k's rejected answers (saved in spin/iteration-k.jsonl) are what the model as it
+    stood at iteration k's first step generates, and their reference log-probs are that
+    model's: iteration 1's come from the model after iteration 0's updates, not the initial."""
+    import copy
+
+    from slimtune.methods.objective.preference import _decode, precompute
+
+    parts = capture_parts(monkeypatch)
+    snapshots = {}
+
+    def on_step(step, model, row):
+        snapshots[step] = copy.deepcopy(model)
+
+    out = tmp_path / "run"
+    train(config.from_dict(spin_recipe(cls_data, out)), on_step=on_step)
+    objective = parts[0].objective
+    examples = copy.deepcopy(parts[0].splits.train)
+
+    def generated(model):
+        ctx = objective.ctx
+        stop = [ctx.tokenizer.eos_token_id]
+        rows = []
+        for i in range(0, len(examples), ctx.batch_size):
+            group = examples[i : i + ctx.batch_size]
+            width = max(len(ex.prompt_ids) for ex in group)
+            ids = torch.full((len(group), width), ctx.pad_id)
+            mask = torch.zeros_like(ids)
+            for j, ex in enumerate(group):
+                ids[j, width - len(ex.prompt_ids) :] = torch.tensor(ex.prompt_ids)
+                mask[j, width - len(ex.prompt_ids) :] = 1
+            with torch.no_grad():
+                rows += _decode(model.eval(), ids, mask, objective.cfg, stop, None)
+        return [r[: r.index(stop[0]) + 1] if stop[0] in r else r for r in rows]
+
+    saved = {k: [json.loads(x) for x in (out / "spin" / f"iteration-{k}.jsonl").read_text()
+                 .splitlines()] for k in (0, 1)}  # fmt: skip
+    for k, step in ((0, 0), (1, 2)):  # iteration 1 starts at step 2 of 4
+        assert [r["rejected_ids"] for r in saved[k]] == generated(snapshots[step]), k
+        for ex, r in zip(examples, saved[k]):
+            ex.rejected_ids = r["rejected_ids"]
+        snap = snapshots[step].eval()
+        ctx = replace(objective.ctx, model=snap, head=find_head(snap))
+        with torch.no_grad():
+            precompute(ctx, examples)
+        got = [list(ex.reference) for ex in examples]
+        want = [r["reference"] for r in saved[k]]
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=0, atol=1e-4)
+    # the check can tell the models apart: iteration 1 is not the initial model's answers
+    assert [r["rejected_ids"] for r in saved[1]] != generated(snapshots[0])
+    assert saved[0][0].keys() >= {"prompt", "chosen", "rejected", "rejected_ids", "reference"}
+
+
+def test_spin_resumes_inside_an_iteration_from_its_saved_pairs(tmp_path, cls_data):
+    from .conftest import assert_resume_exact
+
+    recipe = spin_recipe(cls_data, tmp_path / "straight")
+    straight = train(config.from_dict(recipe))
+    sections = {k: recipe[k] for k in ("params", "objective", "optimizer")}
+    sections["train"], sections["data"] = recipe["train"], recipe["data"]
+    assert straight.summary["steps"] == 4
+    assert_resume_exact(straight, cls_data, tmp_path / "resumed", kill_at=3, **sections)
+
+
+def test_spin_needs_prompts_and_a_gradient(tmp_path, text_data, cls_data):
+    recipe = tiny_recipe(text_data, tmp_path / "run", objective="spin")
+    recipe["data"] = {"path": str(text_data), "format": "text", "eval_size": 2}
+    with pytest.raises(SlimtuneError, match="spin needs prompts and answers"):
+        train(config.from_dict(recipe))
+    recipe = spin_recipe(cls_data, tmp_path / "run")
+    recipe["optimizer"] = "mezo"
+    with pytest.raises(SlimtuneError, match="spin"):
+        train(config.from_dict(recipe))
+    assert not (tmp_path / "run").exists()

@@ -150,6 +150,7 @@ def assemble(
         ObjectiveContext(
             model, method, splits, head, tc.loss_chunk_tokens, cfg.eval.batch_size,
             tok.pad_token_id, progress=tc.progress and acc.is_main_process,
+            optimizer=optim_method, tokenizer=tok, main=acc.is_main_process,
         )
     )  # fmt: skip
     trims = _trims(model) if tc.trim_memory and acc.device.type == "cpu" else []

@@ -166,12 +166,16 @@ class Run:
         """One optimizer step (the optimizer method's own), then the schedule; its metrics row."""
         acc, tc = self.acc, self.tc
         self.p.method.on_step_start(self.p.plain, self.step, self.p.optimizer)
+        self.p.objective.on_step_start(self.step, self.p.steps, self.p.plain, self.run_dir)
         t0 = time.perf_counter()
         micro = [self.p.batches.next(self.p.tok.pad_token_id) for _ in range(tc.grad_accum)]
         # Normalise by the target tokens of the whole step on all processes, so that the update
         # does not depend on how the step is split into micro-batches or processes.
         n_targets = self.count(micro, self.p.objective.targets)
-        tokens = self.count(micro, lambda b: b["attention_mask"].sum())
+        # every sequence the step runs: a preference batch's rejected ones too
+        tokens = self.count(
+            micro, lambda b: sum(v.sum() for k, v in b.items() if k.endswith("attention_mask"))
+        )
         head, chunk = self.p.head, tc.loss_chunk_tokens
         result = self.p.optim_method.step(
             StepContext(
@@ -185,6 +189,7 @@ class Run:
                 max_grad_norm=tc.max_grad_norm,
                 loss_chunk_tokens=chunk,
                 guard=self.guard,
+                objective=self.p.objective,
             )
         )
         self.p.scheduler.step()

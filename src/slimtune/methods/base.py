@@ -156,6 +156,9 @@ class OptimizerMethod(Method, ABC):
     """Base class of the optimizer axis."""
 
     stateless: ClassVar[bool] = False  # True: may keep no optimizer state at all (plain SGD, MeZO)
+    # True: steps from forward passes only, with the weights perturbed inside them (zeroth
+    # order); an objective's reference policy must then not run through the perturbed model
+    forward_only: ClassVar[bool] = False
 
     @dataclass
     class Config:
@@ -233,10 +236,17 @@ class Objective(Method):
 
     # A preference objective reads pairs (data.format: preference): the loop refuses other data.
     pairs: ClassVar[bool] = False
+    # Sequences one example puts through the model per step (2: chosen and rejected, stacked)
+    sequences_per_example: ClassVar[int] = 1
 
     def setup(self, ctx: ObjectiveContext) -> None:
         """Once, after the params method prepared the model and before the first step (also on
         a resume: the model is still the initial one then): e.g. fix a reference policy."""
+
+    def on_step_start(self, step: int, total: int, model: nn.Module, run_dir: Path) -> None:
+        """Before optimizer step ``step`` (0-based) of ``total``, with the unwrapped model and
+        the run directory (written to by the main process only); nothing by default (SPIN makes
+        each iteration's rejected answers here)."""
 
     def metrics(self) -> dict[str, float]:
         """Means of the objective's own per-step quantities since the last call (the loop adds
@@ -264,6 +274,9 @@ class ObjectiveContext:
     batch_size: int
     pad_id: int
     progress: bool = False
+    optimizer: Any = None  # the run's OptimizerMethod (None: evaluation only)
+    tokenizer: Any = None
+    main: bool = True  # the main process (the one that writes into the run directory)
 
 
 class BaseWeights(Method):
@@ -320,6 +333,7 @@ class StepContext:
     max_grad_norm: float  # 0: no clipping
     loss_chunk_tokens: int
     guard: Callable[[float, float | None], None]  # raises TrainingDiverged on non-finite
+    objective: Any = None  # the run's Objective (what loss_sum computes)
 
     def on_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.accelerator.device) for k, v in batch.items()}

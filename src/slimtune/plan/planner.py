@@ -672,7 +672,7 @@ def workload_of(cfg: Any, **fields: Any) -> Workload:
     )
     from .. import registry
 
-    if registry.get("objective", cfg.objective.name).pairs:  # chosen and rejected in one forward
+    if registry.get("objective", cfg.objective.name).sequences_per_example == 2:  # pairs
         reference = getattr(cfg.objective, "reference", "")
         described |= {"batch": 2 * tc.batch_size, "pairs": True, "reference": reference}
     return Workload(**{**described, **fields})

@@ -23,10 +23,12 @@ Definitions follow the papers and TRL 1.16 (the parity tests in tests/test_prefe
 from __future__ import annotations
 
 import copy
+import json
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -70,6 +72,7 @@ class Preference(Objective):
     per-step means of what they log, and held-out preference metrics."""
 
     pairs: ClassVar[bool] = True
+    sequences_per_example: ClassVar[int] = 2
 
     def __init__(self, cfg: Any):
         super().__init__(cfg)
@@ -188,7 +191,16 @@ class DPO(Preference):
         self.frozen_head: Any = None
 
     def setup(self, ctx: ObjectiveContext) -> None:
-        self.mode = resolve_reference(self.cfg.reference, ctx.model, ctx.method)
+        asked = self.cfg.reference
+        if getattr(ctx.optimizer, "forward_only", False):
+            # zeroth order: the reference must not run inside the perturbed forwards
+            if asked in ("adapters", "copy"):
+                raise SlimtuneError(
+                    f"objective.reference: {asked}: optimizer {ctx.optimizer.name} perturbs the "
+                    "weights inside its forwards; use reference precomputed (or auto)"
+                )
+            asked = "precomputed"
+        self.mode = resolve_reference(asked, ctx.model, ctx.method)
         log.info("objective %s: reference policy %s", self.name, self.mode)
         if self.mode == "copy":
             self.frozen = copy.deepcopy(ctx.model).eval().requires_grad_(False)
@@ -336,6 +348,168 @@ class SimPO(Preference):
             "reward_accuracy": (reward_c > reward_r).float(),
         }
         return losses, logged
+
+
+@dataclass
+class _SPINConfig(Objective.Config):
+    beta: float = 0.1
+    """DPO's beta for each iteration's update."""
+    iterations: int = 2
+    """Self-play iterations: the run's steps are split evenly between them; each starts by
+    generating the rejected answers with the model as it is then (the previous iteration's)."""
+    max_new_tokens: int = 64
+    """Tokens generated per rejected answer (at most)."""
+    sample: bool = False
+    """false: greedy; true: sampled at ``temperature`` (seeded by train.seed and the iteration)."""
+    temperature: float = 1.0
+    label_smoothing: float = 0.0
+    loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
+
+    def __post_init__(self) -> None:
+        if self.beta <= 0:
+            raise ValueError(f"beta must be > 0, got {self.beta}")
+        if self.iterations < 1:
+            raise ValueError(f"iterations must be >= 1, got {self.iterations}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+
+
+@register("objective", "spin")
+class SPIN(DPO):
+    """Self-play fine-tuning (arXiv:2401.01335): each iteration the model answers the SFT prompts itself; its answers are the rejected side against the data's, with DPO's loss against the model that generated them."""
+
+    Config = _SPINConfig
+    pairs: ClassVar[bool] = False  # reads SFT data (prompt and answer); makes the rejected side
+
+    def __init__(self, cfg: Any):
+        super().__init__(cfg)
+        self.ctx: ObjectiveContext | None = None
+        self.iteration = -1  # the iteration whose pairs the examples hold
+
+    def setup(self, ctx: ObjectiveContext) -> None:
+        if getattr(ctx.optimizer, "forward_only", False):
+            raise SlimtuneError(
+                f"objective: spin: optimizer {ctx.optimizer.name} has no graph to train on the "
+                "generated pairs in; use a first-order optimizer"
+            )
+        missing = [i for i, ex in enumerate(ctx.splits.train) if not ex.prompt_ids]
+        if missing:
+            raise SlimtuneError(
+                f"objective: spin needs prompts and answers (data.format alpaca, "
+                f"classification or preference); {len(missing)} training examples have no prompt"
+            )
+        self.ctx, self.mode = ctx, "precomputed"
+
+    def start_of(self, k: int, total: int) -> int:
+        """The first step of iteration ``k``."""
+        return k * total // self.cfg.iterations
+
+    def on_step_start(self, step: int, total: int, model: nn.Module, run_dir: Path) -> None:
+        k = max(i for i in range(self.cfg.iterations) if self.start_of(i, total) <= step)
+        if k == self.iteration:
+            return
+        path = run_dir / "spin" / f"iteration-{k}.jsonl"
+        if step > self.start_of(k, total) and path.is_file():  # a resume inside iteration k
+            self._load(path)
+        else:
+            with torch.no_grad(), _eval_mode(model):
+                self._generate(model, k)
+                precompute(replace(self.ctx, model=model), self.ctx.splits.train)
+            if self.ctx.main:
+                self._save(path)
+        self.iteration = k
+
+    def _generate(self, model: nn.Module, k: int) -> None:
+        """Each training example's rejected answer: the model's own continuation of its prompt."""
+        ctx, c = self.ctx, self.cfg
+        examples = ctx.splits.train
+        tok = ctx.tokenizer
+        device = next(model.parameters()).device
+        stop = [t for t in {tok.eos_token_id, getattr(model.generation_config, "eos_token_id", None)}
+                if isinstance(t, int)]  # fmt: skip
+        limit = max(len(ex.input_ids) for ex in examples)  # what the data fits in
+        bar = tqdm(total=len(examples), desc=f"spin: generating (iteration {k})", unit="answer",
+                   disable=not ctx.progress, leave=False)  # fmt: skip
+        gen = torch.Generator(device=device).manual_seed(1_000_003 * (k + 1))
+        for i in range(0, len(examples), ctx.batch_size):
+            group = examples[i : i + ctx.batch_size]
+            width = max(len(ex.prompt_ids) for ex in group)
+            ids = torch.full((len(group), width), ctx.pad_id, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for j, ex in enumerate(group):  # left padding: every prompt ends where answers start
+                ids[j, width - len(ex.prompt_ids) :] = torch.tensor(ex.prompt_ids)
+                mask[j, width - len(ex.prompt_ids) :] = 1
+            new = _decode(model, ids.to(device), mask.to(device), c, stop, gen)
+            for ex, row in zip(group, new):
+                answer = []
+                for t in row:
+                    answer.append(t)
+                    if t in stop:
+                        break
+                ex.rejected_ids = answer[: max(limit - len(ex.prompt_ids), 1)]
+            bar.update(len(group))
+        bar.close()
+
+    def _save(self, path: Path) -> None:
+        tok = self.ctx.tokenizer
+        path.parent.mkdir(parents=True, exist_ok=True)
+        rows = []
+        for i, ex in enumerate(self.ctx.splits.train):
+            answer = [t for t, lab in zip(ex.input_ids, ex.labels) if lab != IGNORE]
+            rows.append({
+                "example": i,
+                "prompt": tok.decode(ex.prompt_ids),
+                "chosen": tok.decode(answer),
+                "rejected": tok.decode(ex.rejected_ids),
+                "rejected_ids": ex.rejected_ids,
+                "reference": list(ex.reference),
+            })  # fmt: skip
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        tmp.replace(path)
+
+    def _load(self, path: Path) -> None:
+        examples = self.ctx.splits.train
+        rows = [json.loads(x) for x in path.read_text().splitlines()]
+        if len(rows) != len(examples):
+            raise SlimtuneError(f"{path}: {len(rows)} pairs for {len(examples)} examples")
+        for ex, row in zip(examples, rows):
+            ex.rejected_ids, ex.reference = row["rejected_ids"], tuple(row["reference"])
+
+
+def _decode(
+    model: nn.Module,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    cfg: Any,
+    stop: list[int],
+    gen: torch.Generator,
+) -> list[list[int]]:
+    """New tokens per row of a left-padded batch, by whole forwards with a growing sequence
+    (any model, peft prompt learning included; no cache, so no cache-format pitfalls)."""
+    out: list[list[int]] = [[] for _ in range(len(ids))]
+    done = torch.zeros(len(ids), dtype=torch.bool, device=ids.device)
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    for _ in range(cfg.max_new_tokens):
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos,
+                       use_cache=False).logits[:, -1].float()  # fmt: skip
+        if cfg.sample:
+            probs = torch.softmax(logits / cfg.temperature, dim=-1)
+            nxt = torch.multinomial(probs, 1, generator=gen)[:, 0]
+        else:
+            nxt = logits.argmax(dim=-1)
+        for j, t in enumerate(nxt.tolist()):
+            if not done[j]:
+                out[j].append(t)
+        done |= torch.isin(nxt, torch.tensor(stop, device=ids.device))
+        if bool(done.all()):
+            break
+        ids = torch.cat([ids, nxt[:, None]], dim=1)
+        mask = torch.cat([mask, mask.new_ones(len(ids), 1)], dim=1)
+        pos = torch.cat([pos, pos[:, -1:] + 1], dim=1)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import torch.autograd.forward_ad as fwAD
 from torch import nn
 
 from ....data import IGNORE
-from ....loss import Head, _innermost, chunked_ce, no_logits
+from ....loss import Head, _chunk_logps, _innermost, chunked_ce, no_logits
 from .noise import PerturbedTensor
 from .perturbation import Pass, Perturber, Unstackable
 
@@ -40,8 +40,12 @@ class SegmentForward:
             and self.decoder is not None
         )
 
+    objective: Any = None  # a preference objective: pair losses instead of cross-entropy
+
     def __call__(self, batch: dict[str, torch.Tensor], spec: Pass) -> torch.Tensor:
         k = 1 if spec.dual else len(spec.scales)
+        if self.objective is not None:
+            return self._pairs(batch, spec, k)
         labels = batch["labels"][:, 1:]
         keep = labels != IGNORE
         targets = labels[keep]
@@ -60,6 +64,42 @@ class SegmentForward:
         else:
             out = torch.stack([self._chunked(r, targets, spec, j) for j, r in enumerate(rows)])
         return self._finish(out, spec)
+
+    def _pairs(self, batch: dict[str, torch.Tensor], spec: Pass, k: int) -> torch.Tensor:
+        """A preference objective's summed pair losses for each stacked copy: chosen and
+        rejected sequences in one forward, each sequence's log-probability of its answer from
+        the chunked head (under copy j's perturbation where the head is perturbed)."""
+        from ...objective.preference import stacked
+
+        both = stacked(batch)
+        labels = both["labels"][:, 1:]
+        keep = labels != IGNORE
+        targets = labels[keep]
+        n = batch["input_ids"].shape[0]
+        owner = torch.arange(2 * n, device=keep.device)[:, None].expand_as(keep)[keep]
+        counts = keep.sum(dim=1).float()
+        own = self.head.module is None or self.decoder is None
+        head = LOGITS if own else self.head
+        out = []
+        for j, o in enumerate(self._outputs(both, spec, k, logits=own)):
+            rows = o[:, -labels.shape[1] - 1 : -1][keep]
+            prev, spec.segment = spec.segment, j  # a perturbed head module uses copy j's scale
+            try:
+                step = self.chunk or max(len(targets), 1)
+                per_token = torch.cat(
+                    [rows.new_zeros(0, dtype=torch.float32)]
+                    + [_chunk_logps(head, rows[i : i + step], targets[i : i + step])
+                       for i in range(0, len(targets), step)]
+                )  # fmt: skip
+            finally:
+                spec.segment = prev
+            logps = per_token.new_zeros(2 * n).index_add(0, owner, per_token)
+            p = {"chosen": logps[:n], "rejected": logps[n:], "n_chosen": counts[:n],
+                 "n_rejected": counts[n:], "per_token": per_token, "owner": owner}  # fmt: skip
+            losses, logged = self.objective.pair_losses(self.model, head, batch, self.chunk, p)
+            self.objective._record(p, logged)
+            out.append(losses.sum())
+        return torch.stack(out)
 
     def _outputs(self, batch, spec: Pass, k: int, logits: bool) -> list[torch.Tensor]:
         """Final hidden states (or logits) of each copy: one forward of the batch stacked k

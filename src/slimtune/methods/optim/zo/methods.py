@@ -25,6 +25,7 @@ class ZerothOrder(OptimizerMethod):
 
     rule: ClassVar[type[UpdateRule]] = SGD
     stateless: ClassVar[bool] = True
+    forward_only: ClassVar[bool] = True
 
     @dataclass
     class Config(OptimizerMethod.Config):
@@ -103,9 +104,14 @@ class ZerothOrder(OptimizerMethod):
             )
 
     def supports_objective(self, name: str) -> bool:
-        # The perturbed forwards compute next-token cross-entropy themselves (forward.py), on
-        # stacked copies of the batch; another objective would need its own stacked loss.
-        return name == "causal-lm"
+        # The perturbed forwards compute the loss themselves (forward.py), on stacked copies of
+        # the batch: next-token cross-entropy, or a preference objective's pair losses from the
+        # per-sequence log-probs (not in a forward-mode AD pass: forward-grad keeps causal-lm).
+        from ....registry import get
+
+        if name == "causal-lm":
+            return True
+        return get("objective", name).pairs and not estimator_for(self.cfg.estimator).forward_ad
 
     def step(self, ctx: StepContext) -> StepResult:
         """Forward passes only (no graph): the optimizer perturbs, estimates and updates in one
@@ -114,6 +120,7 @@ class ZerothOrder(OptimizerMethod):
         divided by the step's target tokens."""
         opt = ctx.raw
         opt.loss_chunk_tokens = ctx.loss_chunk_tokens
+        opt.forward.objective = ctx.objective if getattr(ctx.objective, "pairs", False) else None
 
         def losses(forward: Callable[[dict[str, torch.Tensor]], torch.Tensor]) -> torch.Tensor:
             total = sum(forward(ctx.on_device(b)) for b in ctx.micro)
