@@ -33,20 +33,23 @@ def _batch(cls_data, pairs: bool = False):
                                             "rejected": words[1 - r["label"]]}) + "\n"
                                 for r in rows))  # fmt: skip
         cfg.data = DataConfig(path=str(path), format="preference")
-    return model, load_splits(cfg.data, tok), tok.pad_token_id
+    return model, load_splits(cfg.data, tok), tok
 
 
 @pytest.mark.parametrize("name", registry.names("objective"))
-def test_objective_contract(cls_data, name):
+def test_objective_contract(cls_data, name, tmp_path):
     """A finite scalar loss with gradients for every trainable weight it reaches, a positive
     normaliser, and the default objective equal to loss.py's causal-LM loss bit for bit."""
     cls = registry.get("objective", name)
-    model, splits, pad = _batch(cls_data, pairs=cls.pairs)
+    model, splits, tok = _batch(cls_data, pairs=cls.pairs)
+    pad = tok.pad_token_id
     objective = registry.build("objective", cls.Config())  # the objective at its defaults
     head = find_head(model)
     full = registry.build("params", registry.get("params", "full").Config())
-    objective.setup(ObjectiveContext(model, full, splits, head, 8, 4, pad))
-    batch = collate(splits.train[:4], pad)  # after setup: a precomputed reference rides along
+    objective.setup(ObjectiveContext(model, full, splits, head, 8, 4, pad, tokenizer=tok))
+    objective.on_step_start(0, 1, model, tmp_path)  # SPIN: the first iteration's answers
+    # after setup and the hook: a precomputed reference (and SPIN's answers) ride along
+    batch = collate(splits.train[:4], pad)
     loss = objective.loss_sum(model, head, batch, 8)
     assert loss.ndim == 0 and torch.isfinite(loss)
     assert objective.targets(batch) > 0

@@ -223,6 +223,16 @@ class DPO(Preference):
             base = load_base().to(next(model.parameters()).device)
             self.mode, self.frozen = "copy", base.eval().requires_grad_(False)
 
+    def loss_sum(
+        self, model: nn.Module, head: Any, batch: dict[str, torch.Tensor], chunk: int
+    ) -> torch.Tensor:
+        # The reference's forward first, while no graph is alive: its transients then do not
+        # add to the policy's kept activations at the step's peak.
+        if "ref_chosen_logps" not in batch:
+            ref_c, ref_r = self.reference_logps(model, head, batch, chunk)
+            batch = {**batch, "ref_chosen_logps": ref_c, "ref_rejected_logps": ref_r}
+        return super().loss_sum(model, head, batch, chunk)
+
     def reference_logps(
         self, model: nn.Module, head: Any, batch: dict[str, torch.Tensor], chunk: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
