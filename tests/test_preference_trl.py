@@ -19,15 +19,13 @@ beta or sign changes the loss by > 10%).
 
 from __future__ import annotations
 
+import datasets  # a dependency of slimtune (trl, the peer, is a dev dependency: pyproject)
 import pytest
 import torch
 
 from slimtune.data import IGNORE
 from slimtune.loss import find_head
 from slimtune.models import load_model
-
-trl = pytest.importorskip("trl")
-datasets = pytest.importorskip("datasets")
 
 PAIRS = [
     {

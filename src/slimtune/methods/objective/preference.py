@@ -67,6 +67,16 @@ def log1mexp(x: torch.Tensor) -> torch.Tensor:
     )
 
 
+def rewards(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, torch.Tensor]:
+    """What a reward-based objective logs per pair, from its implicit rewards."""
+    return {
+        "reward_chosen": chosen,
+        "reward_rejected": rejected,
+        "reward_margin": chosen - rejected,
+        "reward_accuracy": (chosen > rejected).float(),
+    }
+
+
 class Preference(Objective):
     """Shared by the preference objectives: pairs as the normaliser, the stacked forward, the
     per-step means of what they log, and held-out preference metrics."""
@@ -266,14 +276,7 @@ class DPO(Preference):
             losses = -(1 - c.label_smoothing) * F.logsigmoid(z)
             if c.label_smoothing:
                 losses = losses - c.label_smoothing * F.logsigmoid(-z)
-        chosen_reward, rejected_reward = c.beta * chosen_ratio, c.beta * rejected_ratio
-        logged = {
-            "reward_chosen": chosen_reward,
-            "reward_rejected": rejected_reward,
-            "reward_margin": chosen_reward - rejected_reward,
-            "reward_accuracy": (chosen_reward > rejected_reward).float(),
-        }
-        return losses, logged
+        return losses, rewards(c.beta * chosen_ratio, c.beta * rejected_ratio)
 
 
 @register("objective", "ipo")
@@ -351,13 +354,7 @@ class SimPO(Preference):
         reward_c = c.beta * p["chosen"] / p["n_chosen"].clamp(min=1)
         reward_r = c.beta * p["rejected"] / p["n_rejected"].clamp(min=1)
         losses = -F.logsigmoid(reward_c - reward_r - c.gamma)
-        logged = {
-            "reward_chosen": reward_c,
-            "reward_rejected": reward_r,
-            "reward_margin": reward_c - reward_r,
-            "reward_accuracy": (reward_c > reward_r).float(),
-        }
-        return losses, logged
+        return losses, rewards(reward_c, reward_r)
 
 
 @dataclass
@@ -372,8 +369,11 @@ class _SPINConfig(Objective.Config):
     sample: bool = False
     """false: greedy; true: sampled at ``temperature`` (seeded by train.seed and the iteration)."""
     temperature: float = 1.0
+    """Sampling temperature (with ``sample: true``)."""
     label_smoothing: float = 0.0
+    """As DPO's: conservative DPO on the self-play pairs."""
     loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
+    """As DPO's: sigmoid (DPO) or ipo."""
 
     def __post_init__(self) -> None:
         if self.beta <= 0:
