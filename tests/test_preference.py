@@ -367,3 +367,13 @@ def test_spin_needs_prompts_and_a_gradient(tmp_path, text_data, cls_data):
     with pytest.raises(SlimtuneError, match="spin"):
         train(config.from_dict(recipe))
     assert not (tmp_path / "run").exists()
+
+
+def test_step_tokens_count_the_rejected_rows_only_for_pair_objectives(pref_data):
+    from slimtune.loop import step_tokens
+
+    splits = load_splits(DataConfig(path=str(pref_data), format="preference"), TOK)
+    batch = collate(splits.train[:4], TOK.pad_token_id)
+    chosen, rejected = (int(batch[k].sum()) for k in ("attention_mask", "rejected_attention_mask"))
+    assert step_tokens(batch, pairs=True) == chosen + rejected
+    assert step_tokens(batch, pairs=False) == chosen  # causal-lm on preference data: SFT

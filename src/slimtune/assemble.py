@@ -136,15 +136,11 @@ def assemble(
         ctx.extras["dense_weight"] = dense_weights(cfg.model.name)
         ctx.extras["quantised_weight"] = storage.dense_weight
     model = _prepare(cfg, acc, method, model, ctx)
-    raw = optim_method.build(method.param_groups(model, cfg.optimizer.weight_decay), model)
-    if local is not None and local.setup is not None:
-        local.setup(model, raw, method)
-    scheduler = get_scheduler(
-        SCHEDULES[tc.schedule], raw, num_warmup_steps=tc.warmup_steps, num_training_steps=steps
-    )
     # Resolve the head before accelerate wraps forward in autocast: the check compares the
     # model's own logits with head(final hidden state) in the model's dtype.
     head = find_head(model)
+    # The objective sees the model as prepared, before a federated round loads its start
+    # state: a preference reference is the run's initial model, in every round.
     objective = registry.build("objective", cfg.objective)
     objective.setup(
         ObjectiveContext(
@@ -153,6 +149,12 @@ def assemble(
             optimizer=optim_method, tokenizer=tok, main=acc.is_main_process,
         )
     )  # fmt: skip
+    raw = optim_method.build(method.param_groups(model, cfg.optimizer.weight_decay), model)
+    if local is not None and local.setup is not None:
+        local.setup(model, raw, method)
+    scheduler = get_scheduler(
+        SCHEDULES[tc.schedule], raw, num_warmup_steps=tc.warmup_steps, num_training_steps=steps
+    )
     trims = _trims(model) if tc.trim_memory and acc.device.type == "cpu" else []
     model.train()
     wrapped, optimizer = acc.prepare(model, raw)

@@ -68,6 +68,12 @@ def train(
             owner.release()
 
 
+def step_tokens(batch: dict[str, torch.Tensor], pairs: bool) -> int:
+    """Tokens a step's forward runs for ``batch`` (with ``pairs``: the rejected rows too)."""
+    n = int(batch["attention_mask"].sum())
+    return n + int(batch["rejected_attention_mask"].sum()) if pairs else n
+
+
 class Run:
     """One training run; :func:`train` calls its phases in order."""
 
@@ -172,10 +178,9 @@ class Run:
         # Normalise by the target tokens of the whole step on all processes, so that the update
         # does not depend on how the step is split into micro-batches or processes.
         n_targets = self.count(micro, self.p.objective.targets)
-        # every sequence the step runs: a preference batch's rejected ones too
-        tokens = self.count(
-            micro, lambda b: sum(v.sum() for k, v in b.items() if k.endswith("attention_mask"))
-        )
+        # every sequence the step runs: a pair objective's rejected ones too
+        pairs = self.p.objective.sequences_per_example == 2
+        tokens = self.count(micro, lambda b: step_tokens(b, pairs))
         head, chunk = self.p.head, tc.loss_chunk_tokens
         result = self.p.optim_method.step(
             StepContext(
