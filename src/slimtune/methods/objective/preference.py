@@ -110,7 +110,7 @@ class Preference(Objective):
     ) -> torch.Tensor:
         p = self.policy(model, head, batch, chunk)
         losses, logged = self.pair_losses(model, head, batch, chunk, p)
-        self._record(p, logged)
+        self.record(p, logged)
         return losses.sum()
 
     def pair_losses(
@@ -121,10 +121,11 @@ class Preference(Objective):
         chunk: int,
         p: dict[str, torch.Tensor],
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Each pair's loss, and per-pair quantities to log (detached)."""
+        """Each pair's loss, and per-pair quantities to log (``record`` detaches them)."""
         raise NotImplementedError(f"objective {self.name!r} has no pair loss")
 
-    def _record(self, p: dict[str, torch.Tensor], logged: dict[str, torch.Tensor]) -> None:
+    def record(self, p: dict[str, torch.Tensor], logged: dict[str, torch.Tensor]) -> None:
+        """Add one batch's per-pair quantities to the means ``metrics()`` returns."""
         per_pair = {
             "logp_chosen": p["chosen"],
             "logp_rejected": p["rejected"],

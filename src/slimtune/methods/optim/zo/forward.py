@@ -97,7 +97,7 @@ class SegmentForward:
             p = {"chosen": logps[:n], "rejected": logps[n:], "n_chosen": counts[:n],
                  "n_rejected": counts[n:], "per_token": per_token, "owner": owner}  # fmt: skip
             losses, logged = self.objective.pair_losses(self.model, head, batch, self.chunk, p)
-            self.objective._record(p, logged)
+            self.objective.record(p, logged)
             out.append(losses.sum())
         return torch.stack(out)
 
