@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from ...data import IGNORE, collate
 from ...errors import SlimtuneError
-from ...loss import find_head, token_logps
+from ...loss import find_head, sequence_logps, token_logps
 from ...registry import register
 from ..base import Objective, ObjectiveContext
 
@@ -58,6 +58,19 @@ def stacked(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         halves = [F.pad(h, (0, width - h.shape[1]), value=value) for h in halves]
         out[key] = torch.cat(halves)
     return out
+
+
+def pair_logps(per_token: torch.Tensor, keep: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per pair, from the target tokens' log-probs of a ``stacked`` batch (``keep``: where the
+    targets are, chosen rows then rejected rows): the summed answer log-probabilities
+    (``chosen``, ``rejected``), the answer lengths (``n_chosen``, ``n_rejected``), and the
+    tokens with the row each belongs to (``per_token``, ``owner``)."""
+    n = keep.shape[0] // 2
+    owner = torch.arange(2 * n, device=keep.device)[:, None].expand_as(keep)[keep]
+    logps = per_token.new_zeros(2 * n).index_add(0, owner, per_token)
+    counts = keep.sum(dim=1).to(logps.dtype)
+    return {"chosen": logps[:n], "rejected": logps[n:], "n_chosen": counts[:n],
+            "n_rejected": counts[n:], "per_token": per_token, "owner": owner}  # fmt: skip
 
 
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
@@ -96,14 +109,7 @@ class Preference(Objective):
         self, model: nn.Module, head: Any, batch: dict[str, torch.Tensor], chunk: int
     ) -> dict[str, torch.Tensor]:
         """Summed answer log-probabilities and answer lengths of both halves, one forward."""
-        both = stacked(batch)
-        per_token, keep = token_logps(model, head, both, chunk)
-        n = batch["input_ids"].shape[0]
-        owner = torch.arange(2 * n, device=keep.device)[:, None].expand_as(keep)[keep]
-        logps = per_token.new_zeros(2 * n).index_add(0, owner, per_token)
-        counts = keep.sum(dim=1).to(logps.dtype)
-        return {"chosen": logps[:n], "rejected": logps[n:], "n_chosen": counts[:n],
-                "n_rejected": counts[n:], "per_token": per_token, "owner": owner}  # fmt: skip
+        return pair_logps(*token_logps(model, head, stacked(batch), chunk))
 
     def loss_sum(
         self, model: nn.Module, head: Any, batch: dict[str, torch.Tensor], chunk: int
@@ -575,8 +581,6 @@ def resolve_reference(asked: str, model: nn.Module, method: Any) -> str:
 def precompute(ctx: ObjectiveContext, examples: list[Any]) -> None:
     """Reference log-probs of every pair, from the model as prepared (before any update), kept
     on the examples (``Example.reference``): collate passes them on with each batch."""
-    from ...loss import sequence_logps
-
     bar = tqdm(total=len(examples), desc="reference log-probs", unit="pair",
                disable=not ctx.progress, leave=False)  # fmt: skip
     device = next(ctx.model.parameters()).device

@@ -69,15 +69,12 @@ class SegmentForward:
         """A preference objective's summed pair losses for each stacked copy: chosen and
         rejected sequences in one forward, each sequence's log-probability of its answer from
         the chunked head (under copy j's perturbation where the head is perturbed)."""
-        from ...objective.preference import stacked
+        from ...objective.preference import pair_logps, stacked
 
         both = stacked(batch)
         labels = both["labels"][:, 1:]
         keep = labels != IGNORE
         targets = labels[keep]
-        n = batch["input_ids"].shape[0]
-        owner = torch.arange(2 * n, device=keep.device)[:, None].expand_as(keep)[keep]
-        counts = keep.sum(dim=1).float()
         own = self.head.module is None or self.decoder is None
         head = LOGITS if own else self.head
         out = []
@@ -93,9 +90,7 @@ class SegmentForward:
                 )  # fmt: skip
             finally:
                 spec.segment = prev
-            logps = per_token.new_zeros(2 * n).index_add(0, owner, per_token)
-            p = {"chosen": logps[:n], "rejected": logps[n:], "n_chosen": counts[:n],
-                 "n_rejected": counts[n:], "per_token": per_token, "owner": owner}  # fmt: skip
+            p = pair_logps(per_token, keep)
             losses, logged = self.objective.pair_losses(self.model, head, batch, self.chunk, p)
             self.objective.record(p, logged)
             out.append(losses.sum())
