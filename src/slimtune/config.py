@@ -351,6 +351,17 @@ def build(cls: type, data: Any, where: str) -> Any:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     kwargs = {}
+    # a Config that takes another library's options (params: peft) gathers unknown keys into
+    # one mapping field, which its own validation checks
+    gather = getattr(cls, "open_options", None)
+    if gather is not None:
+        extra_keys = {k: v for k, v in data.items() if k not in fields}
+        given = data.get(gather) or {}
+        if not isinstance(given, dict):
+            raise SlimtuneError(f"config: {where}.{gather}: expected a mapping, got {given!r}")
+        data = {k: v for k, v in data.items() if k in fields}
+        if extra_keys or given:
+            data[gather] = {**given, **extra_keys}
     for key, value in data.items():
         if key not in fields:
             hint = difflib.get_close_matches(str(key), fields, n=1)

@@ -182,6 +182,16 @@ class Run:
         pairs = self.p.objective.sequences_per_example == 2
         tokens = self.count(micro, lambda b: step_tokens(b, pairs))
         head, chunk = self.p.head, tc.loss_chunk_tokens
+        method, plain = self.p.method, self.p.plain
+        # the params method's own loss term, once per step: each micro-batch adds its share,
+        # scaled so that dividing the step's sum by its target count leaves the term itself
+        share = n_targets / (acc.num_processes * len(micro))
+
+        def loss_sum(m: torch.nn.Module, b: dict[str, torch.Tensor]) -> torch.Tensor:
+            out = self.p.objective.loss_sum(m, head, b, chunk)
+            extra = method.regulariser(plain)
+            return out if extra is None else out + extra.to(out.dtype) * share
+
         result = self.p.optim_method.step(
             StepContext(
                 accelerator=acc,
@@ -190,13 +200,14 @@ class Run:
                 raw=self.p.raw_optimizer,
                 micro=micro,
                 n_targets=n_targets,
-                loss_sum=lambda m, b: self.p.objective.loss_sum(m, head, b, chunk),
+                loss_sum=loss_sum,
                 max_grad_norm=tc.max_grad_norm,
                 loss_chunk_tokens=chunk,
                 guard=self.guard,
                 objective=self.p.objective,
             )
         )
+        method.after_update(plain, self.step)
         self.p.scheduler.step()
         self.p.optimizer.zero_grad(set_to_none=True)
         if self.p.trims:

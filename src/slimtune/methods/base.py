@@ -99,6 +99,18 @@ class ParamsMethod(Method):
     def on_step_start(self, model: nn.Module, step: int, optimizer: torch.optim.Optimizer) -> None:
         """Called before each optimizer step (layer re-sampling and the like)."""
 
+    def after_update(self, model: nn.Module, step: int) -> None:
+        """Called after optimizer step ``step`` (0-based) changed the weights, with the step's
+        gradients still present (AdaLoRA re-allocates ranks from them here)."""
+
+    def regulariser(self, model: nn.Module) -> torch.Tensor | None:
+        """A loss term of the method's own (e.g. AdaLoRA's orthogonality, KaSA's singular-value
+        terms), added once per step to the objective's mean loss; None by default."""
+        return None
+
+    def check_optimizer(self, optimizer: OptimizerMethod) -> None:
+        """Refuse (one-line ``SlimtuneError``) an optimizer this method cannot train with."""
+
     def trainable_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """What a checkpoint stores and a federated runner exchanges: the trainable tensors."""
         return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}

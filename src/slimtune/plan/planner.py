@@ -75,6 +75,10 @@ STAGE = {
     "up_proj": 5,
     "down_proj": 7,
     "post_feedforward_layernorm": 7,
+    # an adapter beside a whole sublayer adds to its output: gradients reach that sum, not the
+    # sublayer (the attention's output joins at o_proj's stage; the MLP's ends the block)
+    "self_attn": 3,
+    "mlp": 8,
 }
 
 
@@ -350,7 +354,7 @@ class Plan:
             kv = q
         n = h * f if flow_in else 0.0  # the block input (kept by the first norm)
         n += h * r if "input_layernorm" in training else 0  # normalised x for the norm weight
-        n += h * r if saves & {"q_proj", "k_proj", "v_proj"} else 0  # attention input
+        n += h * r if saves & {"q_proj", "k_proj", "v_proj", "self_attn"} else 0  # attention input
         if live(1):
             n += (q + 2 * kv) * a  # rotated q, k and v, kept by attention
             n += q * a + sh.heads * 4  # attention output (also o_proj's input), log-sum-exp
@@ -363,7 +367,7 @@ class Plan:
             if sh.norms_per_layer == 4:
                 n += 2 * h * f  # Gemma: the o_proj output (normed) and the MLP input
         n += h * r if "post_attention_layernorm" in training else 0
-        n += h * r if saves & {"gate_proj", "up_proj"} else 0  # MLP input
+        n += h * r if saves & {"gate_proj", "up_proj", "mlp"} else 0  # MLP input
         if live(5):
             n += 3 * i * a  # gate, act(gate), up: kept by the activation and the product
             if sh.norms_per_layer == 4:
@@ -372,8 +376,8 @@ class Plan:
         if w.weights == "int8" and live(1):
             # LLM.int8's matmul keeps its input for backward whenever gradients pass through
             # it: the attention and MLP inputs where nothing else keeps them, and the product
-            n += h * a if not saves & {"q_proj", "k_proj", "v_proj"} else 0
-            n += h * a if not saves & {"gate_proj", "up_proj"} else 0
+            n += h * a if not saves & {"q_proj", "k_proj", "v_proj", "self_attn"} else 0
+            n += h * a if not saves & {"gate_proj", "up_proj", "mlp"} else 0
             n += i * a if "down_proj" not in saves else 0
         for ad in self.adapters:
             if ad.layer == layer:

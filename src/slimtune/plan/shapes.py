@@ -123,6 +123,24 @@ class ModelShape:
             self.embedding_params + self.layers * self.layer_params + self.hidden + self.head_params
         )
 
+    def hf_config(self) -> dict[str, Any]:
+        """transformers config fields that rebuild this architecture (``AutoConfig.for_model``),
+        e.g. to instantiate it on the meta device."""
+        out: dict[str, Any] = {
+            "model_type": self.family,
+            "hidden_size": self.hidden,
+            "intermediate_size": self.intermediate,
+            "num_hidden_layers": self.layers,
+            "num_attention_heads": self.heads,
+            "num_key_value_heads": self.kv_heads,
+            "head_dim": self.head_dim,
+            "vocab_size": self.vocab,
+            "tie_word_embeddings": self.tied,
+        }
+        if self.family in ("llama", "mistral"):
+            out["attention_bias"] = self.qkv_bias
+        return out
+
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
         """(out, in) of each linear of one block, by module name."""
         q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim

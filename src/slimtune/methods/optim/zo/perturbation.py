@@ -26,6 +26,7 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import nn
 
+from ....errors import SlimtuneError
 from .noise import Noise, PerturbedTensor
 
 
@@ -65,12 +66,29 @@ class Perturber:
         self.pass_: Pass | None = None
         self.owners: list[tuple[nn.Module, list[str]]] = []
         for module in model.modules():
-            names = [
-                n for n, p in module._parameters.items() if p is not None and id(p) in self.by_id
-            ]
+            if isinstance(module, CONTAINERS):
+                continue  # its parameters belong to the module that reads them (below)
+            names = [n for n, p in module._parameters.items() if self._mine(p)]
+            # peft's tuners (IA3, VeRA, LoHa, ...) keep their tensors in ParameterDicts and
+            # read them inside the layer's own forward: that layer gets the wrapper
+            for child_name, child in module._modules.items():
+                if isinstance(child, CONTAINERS):
+                    names += [
+                        f"{child_name}.{k}" for k, p in child._parameters.items() if self._mine(p)
+                    ]
             if names:
                 self.owners.append((module, names))
+        owned = {id(_param(m, n)) for m, names in self.owners for n in names}
+        lost = [n for n, p in model.named_parameters() if self._mine(p) and id(p) not in owned]
+        if lost:  # a tensor no wrapper perturbs would get a zero estimate, silently
+            raise SlimtuneError(
+                f"zeroth-order: no module reads {lost[0]} as its own parameter, so it cannot be "
+                "perturbed; train it with a first-order optimizer"
+            )
         self._installed = False
+
+    def _mine(self, p: torch.Tensor | None) -> bool:
+        return p is not None and id(p) in self.by_id
 
     # --- wrappers ----------------------------------------------------------------------------
     def install(self) -> None:
@@ -100,7 +118,7 @@ class Perturber:
     def _wrap(self, module: nn.Module, names: list[str], forward: Callable) -> Callable:
         def wrapped(*args: Any, **kwargs: Any) -> Any:
             spec = self.pass_
-            mine = [(n, spec.active.get(id(module._parameters[n]))) for n in names] if spec else []
+            mine = [(n, spec.active.get(id(_param(module, n)))) for n in names] if spec else []
             mine = [(n, t) for n, t in mine if t is not None]
             if not mine:
                 return forward(*args, **kwargs)
@@ -225,12 +243,31 @@ def _cat(outs: list[Any]) -> Any:
     raise RuntimeError(f"zeroth-order: cannot stack module outputs of type {type(first).__name__}")
 
 
+CONTAINERS = (nn.ParameterDict, nn.ParameterList)
+
+
+def _owner(module: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """The module whose ``_parameters`` hold ``name`` (``ia3_l.default``: the ParameterDict)."""
+    child, _, key = name.rpartition(".")
+    return (module.get_submodule(child) if child else module), key
+
+
+def _param(module: nn.Module, name: str) -> torch.Tensor:
+    owner, key = _owner(module, name)
+    return owner._parameters[key]
+
+
 @contextlib.contextmanager
 def _swapped(module: nn.Module, subst: dict[str, torch.Tensor]) -> Iterator[None]:
-    """Make ``module.<name>`` return the given tensors (bypassing Parameter checks)."""
-    saved = {name: module._parameters[name] for name in subst}
-    module._parameters.update(subst)
+    """Make ``module.<name>`` (or ``module.<dict>[<key>]``) return the given tensors,
+    bypassing Parameter checks."""
+    saved = {name: _param(module, name) for name in subst}
+    for name, t in subst.items():
+        owner, key = _owner(module, name)
+        owner._parameters[key] = t
     try:
         yield
     finally:
-        module._parameters.update(saved)
+        for name, t in saved.items():
+            owner, key = _owner(module, name)
+            owner._parameters[key] = t
