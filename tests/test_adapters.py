@@ -27,12 +27,12 @@ def logits(model):
         return model(input_ids=IDS).logits
 
 
-def prepared(spec, seed=0):
+def prepared(spec, seed=0, work=None):
     cfg = config._method("params", spec, "full")
     method = registry.build("params", cfg)
     torch.manual_seed(0)
     model = tiny_llama(num_hidden_layers=2)
-    return method, method.prepare(model, PrepareContext(None, None, seed))
+    return method, method.prepare(model, PrepareContext(None, work, seed))
 
 
 def test_nola_saves_only_its_coefficients_k_plus_l_per_module(tmp_path, cls_data):
@@ -157,3 +157,38 @@ def test_lofit_selects_heads_by_scale_and_only_they_get_offsets(tmp_path, cls_da
     assert any(w.offset[w.mask.flatten() == 1].any() for w in wrappers)
     info = json.loads((result.run_dir / "slimtune_adapter.json").read_text())
     assert len(info["selected_heads"]) == k
+
+
+@pytest.mark.parametrize("term", ["consistency", "diversity", "svd"])
+def test_ba_lora_regularisers_have_the_gradients_finite_differences_give(term):
+    """gradcheck: autograd's gradient of each term against central differences, float64 on a
+    tiny case (distinct singular values, so the SVD term is differentiable there)."""
+    from slimtune.methods.params.ba_lora import consistency, diversity, svd_share
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(12, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    ref = torch.randn(12, 5, dtype=torch.float64, generator=g)
+    fn = {
+        "consistency": lambda x: consistency(x, ref),
+        "diversity": diversity,
+        "svd": lambda x: svd_share(x, 2),
+    }[term]
+    assert torch.autograd.gradcheck(fn, (h,), eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+def test_ba_lora_terms_reach_the_step_and_consistency_starts_at_zero(tmp_path, cls_data):
+    spec = {"name": "ba-lora", "pissa_niter": 0, "diversity": 0, "svd": 0}
+    method, model = prepared(spec, work=tmp_path)
+    model(input_ids=IDS, attention_mask=torch.ones_like(IDS))
+    # the adapters are at their initial values: the same model computes the reference
+    assert float(method.regulariser(model)) == 0.0
+    rows = {}
+    for key, weight in (("on", 10.0), ("off", 0.0)):
+        params = {"name": "ba-lora", "pissa_niter": 0, "consistency": 0.0, "diversity": weight,
+                  "svd": weight}  # fmt: skip
+        recipe = tiny_recipe(cls_data, tmp_path / key, params=params, train={"steps": 1})
+        run_dir = train(config.from_dict(recipe)).run_dir
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+        rows[key] = [json.loads(x) for x in lines if '"lr"' in x][-1]
+    assert rows["on"]["regulariser"] != 0  # the terms enter the step (SVD's is negative)
+    assert "regulariser" not in rows["off"]  # all weights 0: no term at all

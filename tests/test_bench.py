@@ -68,6 +68,9 @@ def test_bench_runs_each_method_and_writes_the_report(tmp_path, cls_data):
     # ATen's default kernels); rel 1e-5.
     assert full["curve"][0][1] == pytest.approx(lora["curve"][0][1], rel=1e-5)
     assert lora["trainable_params"] < full["trainable_params"]
+    # the saved weights: the whole model for full fine-tuning, the fp32 adapter for LoRA
+    assert full["artefact_bytes"] > 4 * lora["trainable_params"] > 0
+    assert lora["artefact_bytes"] >= 4 * lora["trainable_params"]
     for m in raw["methods"]:
         assert m["peak_bytes"] > 2**20 and m["tokens_per_s"] > 0
         assert m["eval_after"]  # held-out metric after training

@@ -49,6 +49,8 @@ VARIANTS.update(
         "cpt": {"context_examples": 2, "max_context_tokens": 24},
         "nola": {"bases_a": 16, "bases_b": 16},
         "loldu": {"r": 8},
+        "ba-lora": {"pissa_niter": 0, "consistency": 0.1, "diversity": 0.1, "svd": 0.1},
+        "mam": {"num_virtual_tokens": 4, "bottleneck": 8},
         "nlora": {"r": 4},
         # phase 1 (scales) only in the 4-step run; test_adapters.py runs both phases
         "lofit": {"select_at": 0.9},

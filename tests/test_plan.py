@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tempfile
 
 import pytest
 import torch
@@ -304,7 +305,9 @@ def _saved_bytes(spec, padded: bool) -> tuple[float, object, ModelShape]:
 
     cfg = config._method("params", spec, "full")
     m = registry.get("params", cfg.name)(cfg)
-    model = m.prepare(model, PrepareContext(tiny_tokenizer(), Path("unused"), 0, calibration))
+    # scratch space for methods that write there while preparing (PiSSA's initial adapter)
+    with tempfile.TemporaryDirectory(prefix="saved-bytes-") as work:
+        model = m.prepare(model, PrepareContext(tiny_tokenizer(), Path(work), 0, calibration))
     model.config.use_cache = False
     return autograd_saved_bytes(model, batch), m, shape
 

@@ -97,7 +97,8 @@ def test_objective_trains_and_reports_preference_metrics(tmp_path, pref_data, ob
 
 @pytest.mark.parametrize(
     "reference,params", [("adapters", "lora"), ("precomputed", "full"), ("copy", "full"),
-                         ("copy", "lora")],
+                         ("copy", "lora"), ("adapters", "ia3"), ("adapters", "vera"),
+                         ("adapters", "llama-adapter"), ("precomputed", "nola")],
 )  # fmt: skip
 def test_reference_log_probs_never_change(tmp_path, pref_data, reference, params, monkeypatch):
     """The reference policy's log-probs of a fixed batch are the same before and after DPO

@@ -324,6 +324,10 @@ def test_paired_forward_equals_separate_forwards(tmp_path, cls_data, arch):
         {"name": "vera", "r": 16},
         {"name": "peft", "type": "loha", "target_modules": ["q_proj", "v_proj"], "r": 4},
         {"name": "p-tuning", "num_virtual_tokens": 4},
+        {"name": "nola", "bases_a": 8, "bases_b": 8},
+        {"name": "ssf"},
+        {"name": "loldu", "r": 4},
+        {"name": "series-adapter", "bottleneck": 8},
     ],
     ids=lambda p: p.get("type", p["name"]),
 )

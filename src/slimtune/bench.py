@@ -340,6 +340,16 @@ def _result(e: Entry, res: dict[str, Any], r: dict[str, Any], cfg: Any) -> dict[
     }
 
 
+def artefact_bytes(run_dir: Path) -> int:
+    """Bytes of the weights a run saved (its safetensors files, checkpoints left out): what
+    the method ships, without the tokenizer every method writes alike."""
+    return sum(
+        f.stat().st_size
+        for f in run_dir.rglob("*.safetensors")
+        if "checkpoints" not in f.relative_to(run_dir).parts
+    )
+
+
 def _run_all(
     entries: list[Entry],
     recipes: list[dict[str, Any]],
@@ -361,9 +371,10 @@ def _run_all(
         res = _run_one(
             e, r, out_dir / "work" / slug, f"[{i + 1}/{len(entries)}] {e.label}{eta}", steps
         )
+        size = artefact_bytes(Path(r["output_dir"]))
         if not keep_runs:  # the trained weights of every method would fill the disk
             shutil.rmtree(r["output_dir"], ignore_errors=True)
-        results.append(_result(e, res, r, c))
+        results.append({**_result(e, res, r, c), "artefact_bytes": size})
     return results
 
 
@@ -414,6 +425,10 @@ def _metric(ev: dict[str, Any] | None) -> str:
     return f"{ev.get('loss', float('nan')):.3f}"
 
 
+def _mb(n: int | None) -> str:
+    return "-" if n is None else f"{n / 2**20:.3f}" if n < 2**20 else f"{n / 2**20:.1f}"
+
+
 def markdown(report: dict[str, Any]) -> str:
     ms = report["methods"]
     metric = "accuracy" if any("accuracy" in (m["eval_after"] or {}) for m in ms) else "loss"
@@ -426,8 +441,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"{report['gemm_peak_flops'] / 1e9:.0f} GFLOP/s.",
         "",
         f"| method | trainable | final loss | held-out {metric} before | after | peak GB "
-        "| planned GB | s/step | tokens/s | utilisation | wall s |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| planned GB | artefact MB | s/step | tokens/s | utilisation | wall s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for m in ms:
         pred, util = m["predicted_peak_bytes"], m["utilisation"]
@@ -435,7 +450,8 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(
             f"| {m['label']} | {m['trainable_params']:,} | {m['final_loss']:.4f} "
             f"| {_metric(m['eval_before'])} | {_metric(m['eval_after'])} "
-            f"| {m['peak_bytes'] / GB:.2f} | {planned} | {m.get('s_per_step', 0):.2f} "
+            f"| {m['peak_bytes'] / GB:.2f} | {planned} | {_mb(m.get('artefact_bytes'))} "
+            f"| {m.get('s_per_step', 0):.2f} "
             f"| {m['tokens_per_s']:.0f} | {f'{100 * util:.1f}%' if util is not None else '-'} "
             f"| {m['wall_seconds']:.0f} |"
         )
@@ -450,7 +466,9 @@ def markdown(report: dict[str, Any]) -> str:
         "from its data (and, on CPU, the recipe's train.trim_memory setting). s/step and "
         "tokens/s: the optimizer steps alone (evaluation, loading and saving excluded). "
         "Utilisation: model FLOPs per token (planner) x tokens/s / GEMM peak (the larger of "
-        "two measurements, before and after the methods); tokens/s counts non-padding tokens.",
+        "two measurements, before and after the methods); tokens/s counts non-padding tokens. "
+        "Artefact: the safetensors files the run saved (adapter or weights; tokenizer and "
+        "checkpoints left out).",
         "",
         "![loss](loss.png)",
         "",

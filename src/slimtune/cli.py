@@ -376,6 +376,9 @@ def cmd_methods(args: argparse.Namespace) -> int:
             for f in registry.options(cls.Config):
                 default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
                 print(f"      {f.name} = {default!r}: {docs.get(f.name, '')}")
+            foreign = getattr(cls, "foreign_options", None)  # another library's fields
+            if foreign is not None and foreign():
+                print(f"      {foreign()}")
     return 0
 
 

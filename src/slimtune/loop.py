@@ -186,11 +186,15 @@ class Run:
         # the params method's own loss term, once per step: each micro-batch adds its share,
         # scaled so that dividing the step's sum by its target count leaves the term itself
         share = n_targets / (acc.num_processes * len(micro))
+        terms: list[float] = []  # the regulariser of each micro-batch, for the metrics row
 
         def loss_sum(m: torch.nn.Module, b: dict[str, torch.Tensor]) -> torch.Tensor:
             out = self.p.objective.loss_sum(m, head, b, chunk)
             extra = method.regulariser(plain)
-            return out if extra is None else out + extra.to(out.dtype) * share
+            if extra is None:
+                return out
+            terms.append(float(extra.detach()))
+            return out + extra.to(out.dtype) * share
 
         result = self.p.optim_method.step(
             StepContext(
@@ -216,10 +220,14 @@ class Run:
         dt = time.perf_counter() - t0
         self.train_seconds += dt
         self.tokens_seen += tokens
-        self.last_loss = result.loss
+        # the step's loss minimised includes the method's own term; the row reports the
+        # objective's loss and the term apart (means over micro-batches and processes)
+        extra = self.mean_over_processes(sum(terms) / len(micro)) if terms else None
+        loss = result.loss - extra if extra is not None else result.loss
+        self.last_loss = loss
         row = {
             "step": self.step,
-            "loss": result.loss,
+            "loss": loss,
             "lr": self.p.scheduler.get_last_lr()[0],
             "grad_norm": result.grad_norm,
             "tokens": self.tokens_seen,
@@ -227,7 +235,15 @@ class Run:
             "step_s": dt,
             "peak_mem_mb": peak_bytes(acc.device) / 2**20,
         }
+        if extra is not None:
+            row["regulariser"] = extra
         return {**row, **result.metrics, **self.objective_metrics()}
+
+    def mean_over_processes(self, value: float) -> float:
+        if self.acc.num_processes == 1:
+            return value
+        t = torch.tensor([value], device=self.acc.device)
+        return float(self.acc.reduce(t, "mean").item())
 
     def objective_metrics(self) -> dict[str, float]:
         """The objective's own means of this step (preference margins, ...), over processes."""

@@ -1,6 +1,7 @@
 """Helpers that several params methods share (so that no method imports another unless it
 subclasses it): the decoder blocks of a model, the optimizer state of tensors that stop
-training, param groups of a selection method, seeded draws."""
+training, param groups of a selection method, seeded draws, and the meta-device measurements
+the planner prices adapters by."""
 
 from __future__ import annotations
 
@@ -49,3 +50,61 @@ def seeded_generator(seed: int, salt: int) -> torch.Generator:
     """A CPU generator for a method's random draws: one stream per (run seed, salt), where the
     salt tells draws of one run apart (an interval, a stage, a method's constant)."""
     return torch.Generator().manual_seed(seed * 1_000_003 + salt)
+
+
+TOKENS = 13  # the meta input's token count: a prime no model dimension is likely to equal
+
+
+def kept_per_token(
+    module: nn.Module, width: int | None = None
+) -> tuple[bool, float, dict[int, float]]:
+    """What autograd keeps for one forward of a peft-wrapped module, measured on the meta
+    device: whether its input is kept; the float32 elements per token of every other kept
+    tensor that grows with the tokens; and the bytes of kept tensors that do not (a rotation
+    built from the tuner's weights, a slice of a shared buffer such as VeRA's projections),
+    keyed by the tensor they view so that a buffer shared by every module counts once.
+    Parameters are not activations and are left out."""
+    if width is None:  # a wrapped linear: its input width
+        base = module.get_base_layer() if hasattr(module, "get_base_layer") else module.base
+        width = base.in_features
+    x = torch.empty(1, TOKENS, width, device="meta", requires_grad=True)
+    kept: list[torch.Tensor] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        kept.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(x)
+    keeps_input, per_token, fixed = False, 0.0, {}
+    seen: set[int] = set()
+    for t in kept:
+        whole = t._base if t._base is not None else t
+        if isinstance(whole, nn.Parameter) or id(whole) in seen:
+            continue  # a weight, or a tensor two operations keep (ReLU's output, up's input)
+        seen.add(id(whole))
+        if whole is x:
+            keeps_input = True
+        elif TOKENS in whole.shape:
+            per_token += whole.numel() / TOKENS * whole.element_size() / 4
+        else:
+            fixed[id(whole)] = float(whole.numel() * whole.element_size())
+    return keeps_input, per_token, fixed
+
+
+def meta_model(shape: Any) -> nn.Module:
+    """The architecture of ``shape`` with meta tensors: sizes without memory."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(**shape.hf_config())
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def layer_of(name: str) -> int | None:
+    """The block index in a parameter or module name (``...layers.3...``), None outside blocks."""
+    parts = name.split(".")
+    for a, b in zip(parts, parts[1:]):
+        if a == "layers" and b.isdigit():
+            return int(b)
+    return None

@@ -5,7 +5,10 @@ rebuilds them on a freshly loaded base, and folds them into the weights where th
 
 Methods here: ``ssf`` (scale and shift), ``nola`` (LoRA factors as mixtures of seeded random
 bases), ``loldu`` (LDU decomposition, only the diagonal trains), ``series-adapter`` and
-``parallel-adapter`` (the bottleneck adapters of LLM-Adapters).
+``parallel-adapter`` (the bottleneck adapters of LLM-Adapters), ``nlora`` (a middle matrix,
+Nystrom init; SLoRA, IntTune), ``lofit`` (head selection, then per-head offsets) and ``mam``
+(peft's prefix tuning plus a parallel MLP adapter). The planner prices each by building it on
+the meta device (``WrapperMethod.memory``).
 """
 
 from __future__ import annotations
@@ -131,9 +134,9 @@ class WrapperMethod(ParamsMethod):
     def memory(self, plan: Any) -> None:
         """Counted on the meta device: the method wraps the architecture's modules there, which
         gives its trainable tensors and its buffers exactly; one meta forward of each wrapper
-        gives what autograd keeps per token (see ``peft_tuners.kept_per_token``)."""
+        gives what autograd keeps per token (see ``shared.kept_per_token``)."""
         from ...plan.planner import Adapter, Spec
-        from .peft_tuners import kept_per_token, layer_of, meta_model
+        from ..shared import kept_per_token, layer_of, meta_model
 
         plan.freeze_all()
         model = meta_model(plan.shape)
@@ -175,6 +178,15 @@ class WrapperMethod(ParamsMethod):
             )
 
 
+def linear_with_bias(w: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> nn.Linear:
+    """A plain linear layer holding weight ``w`` and bias ``b`` (a folded wrapper), in ``dtype``."""
+    out = nn.Linear(w.shape[1], w.shape[0], bias=True, device=w.device, dtype=dtype)
+    with torch.no_grad():
+        out.weight.copy_(w)
+        out.bias.copy_(b)
+    return out
+
+
 def _out_in(module: nn.Module) -> tuple[int, int]:
     return module.out_features, module.in_features
 
@@ -204,10 +216,7 @@ class ScaleShift(Wrapper):
                 if base.bias is None
                 else base.bias.float() * self.scale + self.shift
             )
-            out = nn.Linear(base.in_features, base.out_features, bias=True, device=w.device)
-            out.weight.copy_(w)
-            out.bias.copy_(b)
-        return out.to(base.weight.dtype)
+        return linear_with_bias(w, b, base.weight.dtype)
 
 
 @register("params", "ssf")
@@ -553,6 +562,8 @@ class ThreeFactor(Wrapper):
         if w.is_meta:
             pass
         elif init == "nystrom":  # W ~ C pinv(W_IJ) R with I, J the first r rows and columns
+            # (the authors' code sets N = W_IJ itself and leaves W as loaded, so its model is
+            # not the loaded one at step 0; here W keeps the residual and training starts there)
             w32 = w.detach().float().cpu()
             a, b = w32[:r, :].clone(), w32[:, :r].clone()
             n = torch.linalg.pinv(w32[:r, :r], rtol=PINV_RTOL) / scale
@@ -665,10 +676,7 @@ class HeadTuning(Wrapper):
             b = base.weight.float() @ (self.offset * self.mask).flatten()
             if base.bias is not None:
                 b = b + base.bias.float()
-            out = nn.Linear(base.in_features, base.out_features, bias=True, device=w.device)
-            out.weight.copy_(w)
-            out.bias.copy_(b)
-        return out.to(base.weight.dtype)
+        return linear_with_bias(w, b, base.weight.dtype)
 
 
 @register("params", "lofit")
@@ -715,6 +723,13 @@ class LoFiT(WrapperMethod):
 
         every = [p for w in self.wrapped(model).values() for p in (w.scale, w.offset)]
         return groups_including(self, model, every, weight_decay)
+
+    def check_optimizer(self, optimizer: Any) -> None:
+        if optimizer.forward_only and self.cfg.l1:
+            raise SlimtuneError(
+                f"params: lofit: its L1 penalty on the head scales needs gradients, which "
+                f"optimizer {optimizer.name} does not compute; set l1: 0"
+            )
 
     def selecting(self, model: nn.Module) -> bool:
         """Phase 1: no head selected yet."""
@@ -782,3 +797,106 @@ class LoFiT(WrapperMethod):
 
     def merge(self, model: nn.Module) -> nn.Module:
         return merge_with_biases(self, model)
+
+
+# ---------------------------------------------------------------------------------------------
+# MAM: prefix tuning and a parallel MLP adapter
+# ---------------------------------------------------------------------------------------------
+
+
+@register("params", "mam")
+class MAM(WrapperMethod):
+    """MAM adapter (He et al., https://arxiv.org/abs/2110.04366, the unified view): prefix tuning in every attention (peft) plus a scaled parallel adapter beside every MLP; not mergeable."""
+
+    mergeable = False
+    supports_checkpointing = False  # peft re-applies the prefix cache in a recomputed block
+
+    @dataclass
+    class Config:
+        num_virtual_tokens: int = 30
+        """Prefix length (the paper's MAM: 30)."""
+        bottleneck: int = 512
+        """Width of the MLP adapter's bottleneck (the paper's MAM: 512)."""
+        scale: float = 4.0
+        """The MLP adapter's output scale (the paper's s = 4)."""
+        activation: Literal["relu", "tanh", "silu", "gelu"] = "relu"
+        """Non-linearity of the MLP adapter."""
+
+        def __post_init__(self) -> None:
+            for key in ("num_virtual_tokens", "bottleneck"):
+                if getattr(self, key) < 1:
+                    raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+            if self.scale <= 0:
+                raise ValueError(f"scale must be > 0, got {self.scale}")
+
+    def adapters_off_is_base(self) -> bool:
+        return False
+
+    def target_names(self) -> list[str]:
+        return ["mlp"]
+
+    def wrap(self, name: str, module: nn.Module, index: int, seed: int) -> Wrapper:
+        c = self.cfg
+        return ParallelAdapter(module, _width(module), c.bottleneck, c.activation, c.scale)
+
+    def _prefix(self) -> Any:
+        from peft import PrefixTuningConfig
+
+        return PrefixTuningConfig(
+            task_type="CAUSAL_LM", num_virtual_tokens=self.cfg.num_virtual_tokens
+        )
+
+    def _wrap_mlps(self, model: nn.Module, seed: int) -> nn.Module:
+        for i, (name, module) in enumerate(sorted(self.targets(model).items())):
+            model.set_submodule(name, self.wrap(name, module, i, seed))
+        return model
+
+    def prepare(self, model: nn.Module, ctx: PrepareContext) -> nn.Module:
+        from peft import get_peft_model
+
+        self.seed = ctx.seed
+        return self._wrap_mlps(get_peft_model(model, self._prefix()), ctx.seed)
+
+    def save(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, out_dir: Path) -> None:
+        model.save_pretrained(out_dir)  # peft: the prefix
+        super().save(model, tokenizer, out_dir)  # the MLP adapters and the settings
+
+    @classmethod
+    def load(cls, base: nn.Module, run_dir: Path) -> nn.Module:
+        from peft import PeftModel
+
+        from ...config import build
+
+        info = json.loads((run_dir / CONFIG_FILE).read_text())
+        method = cls(build(cls.Config, info["config"], "params"))
+        model = method._wrap_mlps(PeftModel.from_pretrained(base, run_dir), info["seed"])
+        from safetensors.torch import load_file
+
+        state = load_file(str(run_dir / ADAPTER_FILE))
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for key, t in state.items():
+                if ".adapter." in key:
+                    params[key].copy_(t)
+        return model
+
+    def memory(self, plan: Any) -> None:
+        """The MLP adapters as measured by the wrapper machinery; the prefix as prefix tuning
+        prices it (its keys and values, the explicit mask it needs, backward from block 0)."""
+        from ...plan.planner import Spec
+
+        super().memory(plan)
+        sh, n = plan.shape, self.cfg.num_virtual_tokens
+        kv = sh.kv_heads * sh.head_dim
+        plan.add_new(
+            Spec("prefix_encoder.embedding", (n, sh.layers * 2 * kv), "adapter", None, "embed", 4.0)
+        )
+        plan.needs_mask, plan.prefix_tokens = True, n
+        q = sh.heads * sh.head_dim
+        plan.add(
+            "activations",
+            sh.layers * plan.work.batch * 2 * n * q * plan.work.act_bytes,
+            "backward",
+            "prefix keys and values kept by attention",
+        )
+        plan.grad_from = 0

@@ -24,6 +24,7 @@ from transformers import PreTrainedTokenizerBase
 from ...errors import SlimtuneError
 from ...registry import register
 from ..base import ParamsMethod, PrepareContext
+from ..shared import kept_per_token, layer_of, meta_model
 
 # Fields every peft config has and a recipe does not set (slimtune sets task_type).
 COMMON = {f.name for f in dataclasses.fields(PeftConfig)}
@@ -106,7 +107,7 @@ class PeftTuner(ParamsMethod):
     @dataclass
     class Config:
         options: dict[str, Any] = field(default_factory=dict)
-        """peft's config fields for this tuner, also accepted at the top of the section ({name: ia3, target_modules: [k_proj, v_proj]}); `slimtune methods` cannot list them: see peft's config class."""
+        """peft's config fields for this tuner, also accepted at the top of the section ({name: ia3, target_modules: [k_proj, v_proj]}); listed below, documented by peft's config class."""
 
         open_options: ClassVar[str] = "options"  # config.build gathers unknown keys here
         tuner: ClassVar[str] = ""  # the peft type of a named entry
@@ -120,6 +121,16 @@ class PeftTuner(ParamsMethod):
 
         def __post_init__(self) -> None:
             peft_config(self.kind(), self.peft_options())  # refuse a bad recipe while parsing
+
+    @classmethod
+    def foreign_options(cls) -> str:
+        """The peft fields a recipe may set, for ``slimtune methods``."""
+        tuner = cls.Config.tuner
+        if not tuner:
+            return "type: one of " + ", ".join(sorted(k for k in peft_types() if k not in REFUSED))
+        kind = resolve(tuner)
+        cls_name = PEFT_TYPE_TO_CONFIG_MAPPING[kind].__name__
+        return f"peft's {cls_name} fields: " + ", ".join(fields_of(kind))
 
     def __init__(self, cfg: Any):
         super().__init__(cfg)
@@ -266,64 +277,6 @@ def keep_dtype(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, BaseTunerLayer):
             module.register_forward_hook(cast)
-
-
-TOKENS = 13  # the meta input's token count: a prime no model dimension is likely to equal
-
-
-def kept_per_token(
-    module: nn.Module, width: int | None = None
-) -> tuple[bool, float, dict[int, float]]:
-    """What autograd keeps for one forward of a peft-wrapped module, measured on the meta
-    device: whether its input is kept; the float32 elements per token of every other kept
-    tensor that grows with the tokens; and the bytes of kept tensors that do not (a rotation
-    built from the tuner's weights, a slice of a shared buffer such as VeRA's projections),
-    keyed by the tensor they view so that a buffer shared by every module counts once.
-    Parameters are not activations and are left out."""
-    if width is None:  # a wrapped linear: its input width
-        base = module.get_base_layer() if hasattr(module, "get_base_layer") else module.base
-        width = base.in_features
-    x = torch.empty(1, TOKENS, width, device="meta", requires_grad=True)
-    kept: list[torch.Tensor] = []
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        kept.append(t)
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        module(x)
-    keeps_input, per_token, fixed = False, 0.0, {}
-    seen: set[int] = set()
-    for t in kept:
-        whole = t._base if t._base is not None else t
-        if isinstance(whole, nn.Parameter) or id(whole) in seen:
-            continue  # a weight, or a tensor two operations keep (ReLU's output, up's input)
-        seen.add(id(whole))
-        if whole is x:
-            keeps_input = True
-        elif TOKENS in whole.shape:
-            per_token += whole.numel() / TOKENS * whole.element_size() / 4
-        else:
-            fixed[id(whole)] = float(whole.numel() * whole.element_size())
-    return keeps_input, per_token, fixed
-
-
-def meta_model(shape: Any) -> nn.Module:
-    """The architecture of ``shape`` with meta tensors: sizes without memory."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.for_model(**shape.hf_config())
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
-
-
-def layer_of(name: str) -> int | None:
-    """The block index in a parameter or module name (``...layers.3...``), None outside blocks."""
-    parts = name.split(".")
-    for a, b in zip(parts, parts[1:]):
-        if a == "layers" and b.isdigit():
-            return int(b)
-    return None
 
 
 # --------------------------------------------------------------------------------------------
