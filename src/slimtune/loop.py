@@ -186,14 +186,14 @@ class Run:
         # the params method's own loss term, once per step: each micro-batch adds its share,
         # scaled so that dividing the step's sum by its target count leaves the term itself
         share = n_targets / (acc.num_processes * len(micro))
-        terms: list[float] = []  # the regulariser of each micro-batch, for the metrics row
+        terms: list[torch.Tensor] = []  # each micro-batch's regulariser, for the metrics row
 
         def loss_sum(m: torch.nn.Module, b: dict[str, torch.Tensor]) -> torch.Tensor:
             out = self.p.objective.loss_sum(m, head, b, chunk)
             extra = method.regulariser(plain)
             if extra is None:
                 return out
-            terms.append(float(extra.detach()))
+            terms.append(extra.detach())  # read once after the step (no sync per micro-batch)
             return out + extra.to(out.dtype) * share
 
         result = self.p.optim_method.step(
@@ -222,7 +222,7 @@ class Run:
         self.tokens_seen += tokens
         # the step's loss minimised includes the method's own term; the row reports the
         # objective's loss and the term apart (means over micro-batches and processes)
-        extra = self.mean_over_processes(sum(terms) / len(micro)) if terms else None
+        extra = self.mean_over_processes(float(sum(terms)) / len(micro)) if terms else None
         loss = result.loss - extra if extra is not None else result.loss
         self.last_loss = loss
         row = {

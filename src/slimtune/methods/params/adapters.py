@@ -22,6 +22,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
@@ -733,7 +734,8 @@ class LoFiT(WrapperMethod):
 
     def selecting(self, model: nn.Module) -> bool:
         """Phase 1: no head selected yet."""
-        return not any(w.mask.any() for w in self.wrapped(model).values())
+        masks = [w.mask for w in self.wrapped(model).values()]
+        return not bool(torch.cat(masks).any())  # one device sync, not one per block
 
     def regulariser(self, model: nn.Module) -> torch.Tensor | None:
         if not self.cfg.l1 or not self.selecting(model):
@@ -870,8 +872,6 @@ class MAM(WrapperMethod):
         info = json.loads((run_dir / CONFIG_FILE).read_text())
         method = cls(build(cls.Config, info["config"], "params"))
         model = method._wrap_mlps(PeftModel.from_pretrained(base, run_dir), info["seed"])
-        from safetensors.torch import load_file
-
         state = load_file(str(run_dir / ADAPTER_FILE))
         params = dict(model.named_parameters())
         with torch.no_grad():

@@ -116,9 +116,11 @@ class Perturber:
             self.remove()
 
     def _wrap(self, module: nn.Module, names: list[str], forward: Callable) -> Callable:
+        ids = {n: id(_param(module, n)) for n in names}  # resolved once, not per forward
+
         def wrapped(*args: Any, **kwargs: Any) -> Any:
             spec = self.pass_
-            mine = [(n, spec.active.get(id(_param(module, n)))) for n in names] if spec else []
+            mine = [(n, spec.active.get(ids[n])) for n in names] if spec else []
             mine = [(n, t) for n, t in mine if t is not None]
             if not mine:
                 return forward(*args, **kwargs)
