@@ -52,13 +52,18 @@ def rows() -> list[tuple[str, str]]:
 
 def recipe(model: str, params: str, optim: str, args: argparse.Namespace, out: str) -> dict:
     """``params`` may name a base after ``@`` (``lora@nf4``): the base's compute dtype then
-    holds everything else; otherwise fp32 weights."""
+    holds everything else; otherwise fp32 weights. Options follow the name after ``:``,
+    separated by ``;`` (``lora:ggpo=true``)."""
+    from slimtune.config import parse_overrides
+
     params, _, base = params.partition("@")
+    params, _, opts = params.partition(":")
+    options = parse_overrides([o for o in opts.split(";") if o]) if opts else {}
     return {
         "model": {"name": model, "device": "cpu", **({} if base else {"dtype": "fp32"})},
         **({"base": base} if base else {}),
         "data": packed_sst2(max_seq_len=args.seq),
-        "params": {"name": params},
+        "params": {"name": params, **options},
         "optimizer": {"name": optim},
         "train": {
             "steps": args.steps,

@@ -28,6 +28,7 @@ VARIANTS.update(
         "lora-corda": {"init": "corda", "calibration_examples": 8},
         "lora-loftq": {"init": "loftq", "target_modules": ["q_proj", "v_proj"]},
         "lora-head": {"modules_to_save": ["lm_head"]},
+        "lora-ggpo": {"ggpo": True, "target_modules": ["q_proj", "v_proj"]},
         "freeze": {"layers": [0], "patterns": ["*.norm.weight"]},
         "owlore": {"layers": 1, "calibration_examples": 4, "threshold": 3.0},
         "prompt-tuning": {"num_virtual_tokens": 4},

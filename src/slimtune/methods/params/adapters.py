@@ -22,13 +22,13 @@ from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from ...errors import SlimtuneError
 from ...registry import register
-from ..base import ParamsMethod, PrepareContext
+from ..base import ParamsMethod, PrepareContext, _untie
 from ..shared import seeded_generator
 
 ADAPTER_FILE = "adapter.safetensors"
@@ -98,7 +98,8 @@ class WrapperMethod(ParamsMethod):
         return {n: m for n, m in model.named_modules() if isinstance(m, Wrapper)}
 
     def save(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, out_dir: Path) -> None:
-        self.save_trainable(model, out_dir / ADAPTER_FILE)
+        state = {n: t.contiguous().cpu() for n, t in self.artefact_state(model).items()}
+        save_file(_untie(state), str(out_dir / ADAPTER_FILE))
         info = {
             "method": self.name,
             "config": {
@@ -106,9 +107,22 @@ class WrapperMethod(ParamsMethod):
             },
             "seed": getattr(self, "seed", 0),
             "modules": sorted(self.wrapped(model)),
+            **self.artefact_info(model),
         }
         (out_dir / CONFIG_FILE).write_text(json.dumps(info, indent=1) + "\n")
         tokenizer.save_pretrained(out_dir)
+
+    def artefact_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The tensors the final artefact holds (by default the trainable state)."""
+        return self.trainable_state(model)
+
+    def artefact_info(self, model: nn.Module) -> dict[str, Any]:
+        """Entries of the method's own in ``slimtune_adapter.json`` (none by default)."""
+        return {}
+
+    def load_artefact(self, model: nn.Module, run_dir: Path, info: dict[str, Any]) -> None:
+        """Put ``artefact_state``'s tensors back into freshly wrapped modules."""
+        self.load_trainable(model, run_dir / ADAPTER_FILE)
 
     @classmethod
     def load(cls, base: nn.Module, run_dir: Path) -> nn.Module:
@@ -116,10 +130,13 @@ class WrapperMethod(ParamsMethod):
 
         info = json.loads((run_dir / CONFIG_FILE).read_text())
         method = cls(build(cls.Config, info["config"], "params"))
-        model = method.prepare(base, PrepareContext(None, run_dir, info["seed"]))
+        # extras["artefact"]: the wrappers are rebuilt to receive saved tensors (an init
+        # computed from W, such as an SVD, would be overwritten: it may be skipped)
+        ctx = PrepareContext(None, run_dir, info["seed"], extras={"artefact": True})
+        model = method.prepare(base, ctx)
         if sorted(method.wrapped(model)) != info["modules"]:
             raise SlimtuneError(f"params: {cls.name}: the base's modules differ from {run_dir}'s")
-        method.load_trainable(model, run_dir / ADAPTER_FILE)
+        method.load_artefact(model, run_dir, info)
         return model
 
     def merge(self, model: nn.Module) -> nn.Module:
@@ -791,11 +808,8 @@ class LoFiT(WrapperMethod):
             for h in w.mask.flatten().nonzero().flatten()
         ]
 
-    def save(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, out_dir: Path) -> None:
-        super().save(model, tokenizer, out_dir)
-        info = json.loads((out_dir / CONFIG_FILE).read_text())
-        info["selected_heads"] = self.selected(model)
-        (out_dir / CONFIG_FILE).write_text(json.dumps(info, indent=1) + "\n")
+    def artefact_info(self, model: nn.Module) -> dict[str, Any]:
+        return {"selected_heads": self.selected(model)}
 
     def merge(self, model: nn.Module) -> nn.Module:
         return merge_with_biases(self, model)

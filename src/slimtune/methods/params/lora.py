@@ -1,4 +1,5 @@
-"""LoRA and its PEFT variants (DoRA, rsLoRA, PiSSA, OLoRA, CorDA, LoftQ), all through ``peft``."""
+"""LoRA and its PEFT variants (DoRA, rsLoRA, PiSSA, OLoRA, CorDA, LoftQ), all through ``peft``;
+LoRA-GGPO's perturbed training (``ggpo``) on top of any of them but DoRA."""
 
 from __future__ import annotations
 
@@ -31,7 +32,9 @@ class Lora(ParamsMethod):
     Options map one to one to peft's LoraConfig: ``dora`` (Liu et al. 2024, magnitude/direction),
     ``rslora`` (scale alpha/sqrt(r)), ``init`` = pissa (principal singular vectors, Meng et al.
     2024), olora (QR-orthonormal init), corda (context-oriented SVD from calibration batches of the
-    run's own data), loftq (init against a 4-bit quantised W). Saved in PEFT format.
+    run's own data), loftq (init against a 4-bit quantised W). Saved in PEFT format. ``ggpo``
+    trains at a point perturbed along the optimizer's momentum (LoRA-GGPO, Chang et al.,
+    https://arxiv.org/abs/2502.14538; methods/params/ggpo.py).
     """
 
     frozen_base = True
@@ -64,6 +67,14 @@ class Lora(ParamsMethod):
         """CorDA: instruction-previewed (ipm) or knowledge-preserving (kpm) mode."""
         calibration_examples: int = 64
         """CorDA: training examples used to estimate activation covariances."""
+        ggpo: bool = False
+        """LoRA-GGPO/MGPO (arXiv 2502.14538): each step computes at W + eps, eps along the optimizer's momentum in weight space, sized by the smoothed gradient norm (flatter minima); W itself is never written."""
+        ggpo_rho: float = 0.05
+        """GGPO: perturbation radius rho."""
+        ggpo_beta: float = 0.9
+        """GGPO: decay of the moving average of each layer's weight-space gradient norm."""
+        ggpo_max_scale: float = 10.0
+        """GGPO: cap on 1 / (smoothed gradient norm), the perturbation's size factor."""
 
         def __post_init__(self) -> None:
             if self.r < 1:
@@ -80,6 +91,17 @@ class Lora(ParamsMethod):
                 )
             if not 0 <= self.dropout < 1:
                 raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+            if self.ggpo_rho <= 0:
+                raise ValueError(f"ggpo_rho must be > 0, got {self.ggpo_rho}")
+            if not 0 <= self.ggpo_beta < 1:
+                raise ValueError(f"ggpo_beta must be in [0, 1), got {self.ggpo_beta}")
+            if self.ggpo_max_scale <= 0:
+                raise ValueError(f"ggpo_max_scale must be > 0, got {self.ggpo_max_scale}")
+            if self.ggpo and self.dora:
+                raise ValueError(
+                    "ggpo does not combine with dora: DoRA normalises the columns of W + BA, "
+                    "so a perturbation of W cannot be added beside the layer's output"
+                )
 
     def memory(self, plan: Any) -> None:
         """A (r x in) and B (out x r) per targeted linear, fp32 (peft keeps adapters in fp32
@@ -122,6 +144,10 @@ class Lora(ParamsMethod):
                 "backward",
                 "DoRA: dense W + BA of one layer",
             )
+        if c.ggpo and chosen:
+            # the step's perturbation factors [m_B, B] and [A; m_A] of every layer, fp32
+            width = sum(2 * c.r * (s.shape[0] + s.shape[1]) for s in chosen)
+            plan.add("temporaries", width * 4.0, "backward", "GGPO: perturbation factors")
         if plan.quantised and chosen:
             plan.note("LoRA over a quantised base (QLoRA)")
 
@@ -188,11 +214,53 @@ class Lora(ParamsMethod):
             raise SlimtuneError(f"config: params: {str(e).splitlines()[0]}") from None
         if self.on_quantised:
             loftq_on_base(peft_model, ctx)
+        self.ggpo = None
+        if self.cfg.ggpo:
+            from .ggpo import GGPO
+
+            c = self.cfg
+            self.ggpo = GGPO(peft_model, c.ggpo_rho, c.ggpo_beta, c.ggpo_max_scale)
         self.initial: Path | None = None
         if self.cfg.init in CONVERTED_INITS:
             self.initial = ctx.work_dir / "initial-adapter"
             peft_model.save_pretrained(self.initial)
         return peft_model
+
+    # --- GGPO: the perturbation around each step, its state in checkpoints ---------------------
+    def check_optimizer(self, optimizer: Any) -> None:
+        if not self.cfg.ggpo:
+            return
+        c = optimizer.cfg
+        if optimizer.name == "adamw" and c.state_bits == 32:
+            return
+        if optimizer.name == "sgd" and c.momentum > 0:
+            return
+        raise SlimtuneError(
+            f"params: lora: ggpo perturbs along the optimizer's first moment of each factor, "
+            f"which optimizer {optimizer.name} does not keep in the factor's own shape; use "
+            f"adamw (state_bits 32) or sgd with momentum"
+        )
+
+    def on_step_start(self, model: nn.Module, step: int, optimizer: torch.optim.Optimizer) -> None:
+        if getattr(self, "ggpo", None) is not None:
+            self.ggpo.start(optimizer)
+
+    def after_update(self, model: nn.Module, step: int) -> None:
+        if getattr(self, "ggpo", None) is not None:
+            self.ggpo.end()
+            self.ggpo.commit()
+
+    def trainable_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        state = super().trainable_state(model)
+        if getattr(self, "ggpo", None) is not None:
+            state.update(self.ggpo.state())
+        return state
+
+    def load_trainable_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        if getattr(self, "ggpo", None) is not None:
+            self.ggpo.load_state(state)
+            state = {k: v for k, v in state.items() if not k.endswith(".ggpo_gbar")}
+        super().load_trainable_state(model, state)
 
     def _corda(self, model: nn.Module, config: LoraConfig, ctx: PrepareContext) -> None:
         from peft.tuners.lora.corda import preprocess_corda
