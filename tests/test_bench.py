@@ -20,12 +20,31 @@ def test_method_specs_parse():
     assert (full.params, full.optimizer) == ({"name": "full"}, {"name": "adamw", "lr": 1e-5})
     assert lora.params == {"name": "lora", "r": 2} and lora.optimizer == {"name": "adamw"}
     assert (zo.params, zo.optimizer) == ({"name": "full"}, {"name": "mezo"})
-    with pytest.raises(SlimtuneError, match="params.KEY=VALUE"):
+    with pytest.raises(SlimtuneError, match="SECTION.KEY=VALUE"):
         bench.parse_methods(["lora:r=2"])
     with pytest.raises(SlimtuneError, match="listed twice"):
         bench.parse_methods(["lora", "lora"])
     with pytest.raises(SlimtuneError, match="did you mean 'lora'"):
         bench.parse_methods(["lorra"])
+
+
+def test_a_method_may_change_other_sections(tmp_path, cls_data):
+    """``lora:data.packing=true`` and ``lora:objective=NAME;objective.KEY=V`` change that
+    method's recipe only (packing against padding, an objective per row)."""
+    plain, packed, pref = bench.parse_methods(
+        [
+            "lora",
+            "lora:data.packing=true;train.batch_size=2",
+            "lora:objective=dpo;objective.beta=0.2",
+        ]
+    )
+    assert packed.other == {"data": {"packing": True}, "train": {"batch_size": 2}}
+    assert pref.other == {"objective": {"name": "dpo", "beta": 0.2}}
+    recipe = tiny_recipe(cls_data, tmp_path / "unused")
+    _, cfgs, _ = bench._recipes(recipe, [plain, packed], tmp_path / "out")
+    assert not cfgs[0].data.packing and cfgs[1].data.packing
+    assert cfgs[0].train.batch_size == 4 and cfgs[1].train.batch_size == 2
+    assert cfgs[1].data.path == cfgs[0].data.path  # the rest of the section is the recipe's
 
 
 def test_bench_compares_bases(tmp_path, cls_data):

@@ -67,13 +67,15 @@ def test_messages_learn_only_assistant_turns(tmp_path):
 
 
 def test_text_blocks_and_packing(text_data):
-    plain = load_splits(DataConfig(path=str(text_data), max_seq_len=32), TOK).train
-    assert all(len(e.input_ids) <= 32 for e in plain)
-    packed = load_splits(DataConfig(path=str(text_data), max_seq_len=32, packing=True), TOK).train
-    assert all(len(e.input_ids) == 32 for e in packed[:-1])
-    # packing fills every block; unpacked, a 1-token tail (nothing to predict) is dropped
-    assert sum(len(e.input_ids) for e in packed) >= sum(len(e.input_ids) for e in plain)
+    plain = load_splits(DataConfig(path=str(text_data), max_seq_len=64), TOK).train
+    assert all(len(e.input_ids) <= 64 for e in plain)
+    packed = load_splits(DataConfig(path=str(text_data), max_seq_len=64, packing=True), TOK).train
+    # packing places the same blocks, whole and in order, into fewer rows of at most 64
+    assert all(len(e.input_ids) <= 64 for e in packed)
+    assert [t for e in packed for t in e.input_ids] == [t for e in plain for t in e.input_ids]
     assert len(packed) < len(plain)
+    starts = sum(e.positions.count(0) for e in packed)
+    assert starts == len(plain)  # each block restarts its positions
 
 
 def test_truncation_drops_prompt_start_not_response(cls_data):

@@ -379,3 +379,67 @@ def test_usable_as_a_plain_optimizer_in_transformers_trainer(tmp_path):
     Trainer(model=model, args=args, train_dataset=rows, optimizers=(opt, None)).train()
     assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert all(int(s["step"]) == 3 for s in opt.state.values())
+
+
+def spectrum_matrix(m: int, n: int, decay: float, seed: int) -> torch.Tensor:
+    """m x n with singular values decay ** i (a gradient's typically decaying spectrum)."""
+    g = torch.Generator().manual_seed(seed)
+    u, _ = torch.linalg.qr(torch.randn(m, min(m, n), generator=g))
+    v, _ = torch.linalg.qr(torch.randn(n, min(m, n), generator=g))
+    s = decay ** torch.arange(min(m, n), dtype=torch.float32)
+    return (u * s) @ v.T
+
+
+def subspace_gap(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Sine of the largest principal angle between two r-dim subspaces (rows or columns of
+    orthonormal bases given on the same side)."""
+    a, b = (a.T, b.T) if a.shape[0] < a.shape[1] else (a, b)  # columns span the subspace
+    return float(torch.linalg.matrix_norm(a - b @ (b.T @ a), ord=2))
+
+
+@pytest.mark.parametrize("shape", [(96, 40), (40, 96)])
+def test_randomized_basis_spans_the_leading_singular_subspace(shape):
+    g = spectrum_matrix(*shape, decay=0.8, seed=0)
+    exact = make_basis(g, 6)
+    cold = make_basis(g, 6, "randomized", iters=2, seed=1)
+    assert cold.shape == exact.shape
+    # orthonormal to fp32 rounding
+    eye = torch.eye(6)
+    gram = cold @ cold.T if cold.shape[0] == 6 else cold.T @ cold
+    torch.testing.assert_close(gram, eye, atol=1e-5, rtol=0)
+    # Halko et al.: the error of q subspace iterations with p extra columns shrinks like
+    # (s_{r+p} / s_r)^(2q+1) = 0.8^(8 * 5) ~ 1e-4 here; 1e-2 leaves room for the constant
+    assert subspace_gap(cold, exact) < 1e-2
+    # warm start: the previous basis of a gradient that moved a little, no iteration at all
+    moved = g + 1e-3 * spectrum_matrix(*shape, decay=0.9, seed=2)
+    warm = make_basis(moved, 6, "randomized", previous=exact, iters=0, seed=3)
+    assert subspace_gap(warm, make_basis(moved, 6)) < 1e-2
+    # without the warm start the same zero iterations miss the subspace
+    assert subspace_gap(make_basis(moved, 6, "randomized", iters=0, seed=3), exact) > 0.1
+
+
+def test_randomized_basis_trains_as_well_as_the_exact_svd(tmp_path, cls_data):
+    """Held-out loss after GaLore with randomized bases within 2% of exact-SVD GaLore (the
+    same run otherwise); the basis refreshes every 2 steps so several warm starts happen."""
+    losses = {}
+    for basis in ("svd", "randomized"):
+        recipe = tiny_recipe(
+            cls_data,
+            tmp_path / basis,
+            data={"eval_size": 6},
+            optimizer={"name": "galore", "lr": 1e-2, "rank": 4, "update_gap": 2, "basis": basis},
+            train={"steps": 8},
+        )
+        losses[basis] = train(config.from_dict(recipe)).summary["eval_after"]["loss"]
+    assert losses["randomized"] == pytest.approx(losses["svd"], rel=0.02)
+
+
+def test_randomized_bases_resume_exactly(tmp_path, cls_data):
+    """The randomized draws are seeded by the step and the previous basis is optimizer state:
+    a killed and resumed run ends bitwise equal to a straight one."""
+    from .conftest import assert_resume_exact
+
+    optim = {"name": "galore", "lr": 1e-2, "rank": 4, "update_gap": 2, "basis": "randomized"}
+    sections = {"optimizer": optim, "train": {"steps": 6}}
+    straight = train(config.from_dict(tiny_recipe(cls_data, tmp_path / "a", **sections)))
+    assert_resume_exact(straight, cls_data, tmp_path / "b", 3, **sections)

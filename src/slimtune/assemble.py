@@ -201,6 +201,16 @@ def _methods(cfg: RunConfig, world: int) -> tuple[ParamsMethod, OptimizerMethod]
             f"objective: {cfg.objective.name} learns from preference pairs; data.format is "
             f"{cfg.data.format!r} (set data.format: preference: prompt, chosen, rejected)"
         )
+    if cfg.data.packing and not method.supports_packing:
+        raise SlimtuneError(
+            f"data.packing: params {cfg.params.name} puts virtual tokens before each row, so "
+            "packed examples could not be kept apart in attention; set data.packing: false"
+        )
+    if cfg.data.packing and cfg.objective.name != "causal-lm":
+        raise SlimtuneError(
+            f"data.packing: objective {cfg.objective.name} scores each example's sequences on "
+            "their own; set data.packing: false"
+        )
     if cfg.train.gradient_checkpointing and not method.supports_checkpointing:
         raise SlimtuneError(
             f"params: {cfg.params.name} cannot be combined with "

@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ GB = 1024**3
 
 
 AXES = ("params", "optimizer")
+OTHER = ("objective", "data", "train", "eval", "model")  # sections a method may also change
 DEFAULT_METHODS = {"params": "full", "optimizer": "adamw"}
 
 
@@ -44,12 +45,16 @@ class Entry:
     optimizer: dict[str, Any]
     named: tuple[str, ...] = AXES
     base: dict[str, Any] | None = None  # a base other than the recipe's (``lora:base=nf4``)
+    # other recipe sections this method changes (``lora:data.packing=true``, ``objective=dpo``)
+    other: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def parse_methods(specs: list[str]) -> list[Entry]:
     """``params[+optimizer][:key=value;...]``: ``lora``, ``galore`` (full + galore),
-    ``lora+mezo``, ``full:optimizer.lr=1e-5``, ``lora:base=nf4;base.compute_dtype=fp32``.
-    Keys start with params., optimizer. or base. (``base=NAME`` names the base)."""
+    ``lora+mezo``, ``full:optimizer.lr=1e-5``, ``lora:base=nf4;base.compute_dtype=fp32``,
+    ``lora:data.packing=true``, ``lora:objective=dpo;objective.beta=0.2``. Keys start with a
+    recipe section (params., optimizer., base., objective., data., train., eval., model.);
+    ``base=NAME`` and ``objective=NAME`` name the base and the objective."""
     from . import config
     from .plan import split_method
 
@@ -60,29 +65,36 @@ def parse_methods(specs: list[str]) -> list[Entry]:
         params: dict[str, Any] = {"name": p}
         optim: dict[str, Any] = {"name": o}
         base: dict[str, Any] = {}
+        other: dict[str, dict[str, Any]] = {}
         for item in filter(None, (x.strip() for x in opts.split(";"))):
             key, eq, value = item.partition("=")
-            section, _, field = key.partition(".")
+            section, _, name_ = key.partition(".")
             if key == "base" and eq:
                 base["name"] = value.strip()
                 continue
-            if not eq or section not in ("params", "optimizer", "base") or not field:
+            if key == "objective" and eq:
+                other.setdefault("objective", {})["name"] = value.strip()
+                continue
+            if not eq or section not in ("params", "optimizer", "base", *OTHER) or not name_:
                 raise SlimtuneError(
-                    f"--methods: {spec!r}: options are params.KEY=VALUE, optimizer.KEY=VALUE, "
-                    "base=NAME or base.KEY=VALUE"
+                    f"--methods: {spec!r}: options are SECTION.KEY=VALUE (sections params, "
+                    f"optimizer, base, {', '.join(OTHER)}), base=NAME or objective=NAME"
                 )
-            target = {"params": params, "optimizer": optim, "base": base}[section]
+            target = {"params": params, "optimizer": optim, "base": base}.get(section)
+            if target is None:
+                target = other.setdefault(section, {})
+            field_ = name_
             v = config.parse_overrides([f"x={value}"])["x"]
             if isinstance(v, str):  # YAML 1.1 reads 1e-5 as text
                 with contextlib.suppress(ValueError):
                     v = float(v)
-            target[field] = v
+            target[field_] = v
         short = ", ".join(x.split(".", 1)[-1].strip() for x in opts.split(";") if x.strip())
         label = name.strip() + (f" ({short})" if short else "")
         named = AXES if "+" in name else ("params",) if p == name.strip() else ("optimizer",)
         if base and "name" not in base:
             raise SlimtuneError(f"--methods: {spec!r}: base options need base=NAME")
-        out.append(Entry(label, params, optim, named, base or None))
+        out.append(Entry(label, params, optim, named, base or None, other))
     labels = [e.label for e in out]
     if len(set(labels)) != len(labels):
         raise SlimtuneError(f"--methods: a method is listed twice: {', '.join(labels)}")
@@ -300,6 +312,10 @@ def _recipes(
         if e.base:  # the base's own dtype (a quantised base's compute dtype) holds the rest
             r["base"] = dict(e.base)
             r["model"] = {k: v for k, v in r.get("model", {}).items() if k != "dtype"}
+        for section, values in e.other.items():
+            own = r.get(section) or {}
+            own = {"name": own} if isinstance(own, str) else dict(own)
+            r[section] = {**own, **values}
         cfgs.append(config.from_dict(r))
         recipes.append(r)
     steps = cfgs[0].train.steps

@@ -65,7 +65,7 @@ class DataConfig:
     truncate: Literal["field", "prompt_start"] = "field"
     """What gives way when an example is longer than max_seq_len. field: a prompt made from a template (alpaca, classification) keeps its wording and the answer, and its longest {column} value is cut from its end (the prompt start is cut only if the template alone is too long), and a conversation (messages) loses its oldest exchanges, its system message kept (its end is cut only if the last exchange alone is too long); prompt_start: the start of the prompt is cut, a conversation's end. Prompts without a template lose their start either way."""
     packing: bool = False
-    """Concatenate examples into blocks of max_seq_len (text and SFT formats)."""
+    """Pack whole training examples into rows of up to max_seq_len tokens (no padding between them); each keeps its own positions and attends only to itself. Held-out examples stay one per row."""
     eval_path: str | None = None
     """Separate held-out data; otherwise eval_size rows of `path` are held out."""
     eval_size: float = 0.0

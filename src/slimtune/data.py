@@ -61,6 +61,8 @@ class Example:
     answer: int | None = None
     rejected_ids: list[int] | None = None  # preference data: the rejected answer's tokens
     reference: tuple[float, float] | None = None  # reference log-probs (chosen, rejected)
+    # packed rows: each token's position within its own example (restarting at 0)
+    positions: list[int] | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -713,12 +715,8 @@ def _fit(
     return ex, kind, ()
 
 
-def _blocks(examples: list[Example], size: int, pack: bool) -> list[Example]:
-    """Split (and with ``pack`` first concatenate) sequences into blocks of at most ``size``."""
-    if pack:
-        ids = [t for ex in examples for t in ex.input_ids]
-        labels = [t for ex in examples for t in ex.labels]
-        examples = [Example(ids, labels)]
+def _blocks(examples: list[Example], size: int) -> list[Example]:
+    """Split sequences into blocks of at most ``size`` (blocks with nothing to predict go)."""
     out = []
     for ex in examples:
         for i in range(0, len(ex.input_ids), size):
@@ -726,6 +724,24 @@ def _blocks(examples: list[Example], size: int, pack: bool) -> list[Example]:
             if any(t != IGNORE for t in labels[1:]):
                 out.append(Example(ex.input_ids[i : i + size], labels))
     return out
+
+
+def _pack(examples: list[Example], size: int) -> list[Example]:
+    """Place whole examples, in order, into rows of at most ``size`` tokens (a new row when the
+    next one does not fit). Each token keeps its position within its own example, and each
+    example's first label is masked: attention never crosses examples (the loss forward
+    attends block-diagonally by the positions) and no token is predicted from another example,
+    so a packed row's loss is the sum of its examples' own losses."""
+    rows: list[Example] = []
+    for ex in examples:
+        n = len(ex.input_ids)
+        if not rows or len(rows[-1].input_ids) + n > size:
+            rows.append(Example([], [], positions=[]))
+        row = rows[-1]
+        row.input_ids += ex.input_ids
+        row.labels += [IGNORE, *ex.labels[1:]]
+        row.positions += range(n)
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -747,20 +763,21 @@ def _pairs(records: list[Record], cfg: DataConfig) -> list[Pair]:
 
 
 def _examples(
-    pairs: list[Pair], tok: PreTrainedTokenizerBase, cfg: DataConfig
+    pairs: list[Pair], tok: PreTrainedTokenizerBase, cfg: DataConfig, pack: bool = False
 ) -> tuple[list[Example], Cuts]:
     tokenise = Tokenise(tok, cfg)
-    if cfg.format == "text" or cfg.packing:
-        blocks = _blocks([tokenise(p) for p in pairs], cfg.max_seq_len, cfg.packing)
-        return blocks, Cuts(len(blocks))
-    out, cuts = [], Cuts(len(pairs))
-    for pair in pairs:
-        ex = tokenise(pair)
-        if (n := _length(ex)) > cfg.max_seq_len:
-            ex, kind, names = _fit(ex, pair, tokenise, cfg)
-            cuts.add(kind, n - _length(ex), names)
-        out.append(ex)
-    return out, cuts
+    if cfg.format == "text":
+        out = _blocks([tokenise(p) for p in pairs], cfg.max_seq_len)
+        cuts = Cuts(len(out))
+    else:
+        out, cuts = [], Cuts(len(pairs))
+        for pair in pairs:
+            ex = tokenise(pair)
+            if (n := _length(ex)) > cfg.max_seq_len:
+                ex, kind, names = _fit(ex, pair, tokenise, cfg)
+                cuts.add(kind, n - _length(ex), names)
+            out.append(ex)
+    return (_pack(out, cfg.max_seq_len) if pack else out), cuts
 
 
 def _read_pairs(path: str, cfg: DataConfig) -> list[Pair]:
@@ -790,11 +807,11 @@ def load_splits(cfg: DataConfig, tok: PreTrainedTokenizerBase) -> Splits:
             f"data: {cfg.path!r}: the training split is empty after holding out "
             f"data.eval_size={cfg.eval_size}"
         )
-    train, train_cuts = _examples(pairs, tok, cfg)
+    train, train_cuts = _examples(pairs, tok, cfg, pack=cfg.packing)
     if not train:
         raise SlimtuneError(f"data: {cfg.path!r}: no example has a token to learn from")
     held_out, held_cuts = _examples(held, tok, cfg) if held else ([], Cuts())
-    blocks = cfg.format == "text" or cfg.packing
+    blocks = cfg.format == "text"
     report = Truncation(cfg.max_seq_len, train_cuts, held_cuts, blocks)
     log.log(logging.WARNING if report.cut else logging.INFO, "%s", report.line())
     return Splits(train, held_out, report)
@@ -812,6 +829,15 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
         labels[i, :n] = torch.tensor(ex.labels)
         mask[i, :n] = 1
     batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    if any(ex.positions is not None for ex in examples):
+        # packed rows: positions restart at each example; the padding after a row counts as
+        # an example of its own (it attends only to itself and has no target)
+        pos = torch.zeros((len(examples), width), dtype=torch.long)
+        for i, ex in enumerate(examples):
+            n = len(ex.input_ids)
+            pos[i, :n] = torch.tensor(ex.positions if ex.positions is not None else range(n))
+            pos[i, n:] = torch.arange(width - n)
+        batch["position_ids"] = pos
     if examples and all(ex.rejected_ids is not None for ex in examples):
         # preference pairs: the rejected sequences (prompt + rejected answer) beside the chosen
         rejected = [

@@ -157,6 +157,16 @@ def no_logits(device: torch.device) -> torch.Tensor:
     return torch.empty(0, dtype=torch.long, device=device)
 
 
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What a forward of ``batch`` passes to the model. A packed batch (``position_ids`` that
+    restart at each example) goes without an attention mask: transformers then attends
+    block-diagonally, one example to itself (varlen flash attention, or a block mask for SDPA
+    and eager attention), and RoPE sees each example's own positions."""
+    if "position_ids" in batch:
+        return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+
 def _target_rows(
     model: nn.Module, head: Head, batch: dict[str, torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
@@ -167,12 +177,11 @@ def _target_rows(
     keep = labels != IGNORE
     targets = labels[keep]
     if head.module is None:  # fallback: the model's own logits, still reduced chunk by chunk
-        rows = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        rows = model(**model_inputs(batch)).logits
         # [:, -T:]: prompt tuning prepends virtual tokens to the sequence
         return rows[:, -labels.shape[1] - 1 : -1][keep], targets, keep, False
     out = model(
-        input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
+        **model_inputs(batch),
         output_hidden_states=True,
         logits_to_keep=no_logits(batch["input_ids"].device),
         use_cache=False,

@@ -58,6 +58,9 @@ class ParamsMethod(Method):
     # False: the loop refuses train.gradient_checkpointing with one line (e.g. prefix tuning,
     # whose key/value prefixes peft applies again when a block is recomputed)
     supports_checkpointing: ClassVar[bool] = True
+    # False: the loop refuses data.packing with one line (it puts virtual tokens before each
+    # row, so the positions that keep packed examples apart would not reach attention)
+    supports_packing: ClassVar[bool] = True
     # True: the base model's own weights never change (adapters, prompts, side networks), so a
     # quantised base (nf4, int8) can serve it; False: it trains or rewrites base weights
     frozen_base: ClassVar[bool] = False

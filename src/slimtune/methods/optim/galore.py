@@ -67,11 +67,45 @@ def right_side(shape: torch.Size | tuple[int, ...]) -> bool:
     return shape[0] >= shape[1]
 
 
-def make_basis(grad: torch.Tensor, rank: int) -> torch.Tensor:
-    """Orthonormal basis of the top-``rank`` singular subspace (fp32 SVD) on the smaller side:
-    Q = V^T[:r] (r x n) when m >= n, else P = U[:, :r] (m x r)."""
-    u, _, vh = torch.linalg.svd(grad.float(), full_matrices=False)
-    return vh[:rank].contiguous() if right_side(grad.shape) else u[:, :rank].contiguous()
+def make_basis(
+    grad: torch.Tensor,
+    rank: int,
+    method: str = "svd",
+    previous: torch.Tensor | None = None,
+    iters: int = 2,
+    seed: int = 0,
+) -> torch.Tensor:
+    """Orthonormal basis of the top-``rank`` singular subspace on the smaller side, in fp32:
+    Q = V^T[:r] (r x n) when m >= n, else P = U[:, :r] (m x r).
+
+    ``method="svd"`` takes the exact SVD (O(m n min(m, n)), the wall at 7B). ``"randomized"``
+    runs ``iters`` steps of subspace iteration (Halko, Martinsson & Tropp, 2011) on the
+    smaller side, started from ``previous`` (the basis being replaced: gradients of
+    consecutive refreshes share most of their leading subspace) padded with seeded Gaussian
+    columns to r + 8 (cold start: all Gaussian); then an SVD of the small m x (r + 8)
+    product picks the leading r directions. Cost: 2 iters + 1 products with the gradient."""
+    g = grad.float()
+    right = right_side(g.shape)
+    if method == "svd":
+        u, _, vh = torch.linalg.svd(g, full_matrices=False)
+        return vh[:rank].contiguous() if right else u[:, :rank].contiguous()
+    a = g if right else g.T  # the basis spans a's row space: (k x n) on a's right side
+    n = a.shape[1]
+    k = min(rank + OVERSAMPLE, n)
+    gen = torch.Generator(device=a.device).manual_seed(seed)
+    start = torch.randn(n, k, generator=gen, device=a.device)
+    if previous is not None:
+        prev = previous.float() if right else previous.float().T  # r x n
+        start[:, : prev.shape[0]] = prev.T
+    v, _ = torch.linalg.qr(start)
+    for _ in range(iters):
+        v, _ = torch.linalg.qr(a.T @ (a @ v))
+    _, _, wh = torch.linalg.svd(a @ v, full_matrices=False)
+    basis = (v @ wh[:rank].T).T  # rank x n: a's leading right singular vectors
+    return basis.contiguous() if right else basis.T.contiguous()
+
+
+OVERSAMPLE = 8  # extra columns of the randomized range finder (Halko et al.: 5-10)
 
 
 def project(grad: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
@@ -183,13 +217,28 @@ class GaLoreAdamW(torch.optim.Optimizer):
         """One step of a matrix parameter with a rank: project, Adam in low rank, project back."""
         # The refresh looks at the count of steps before this one, as the reference does.
         if "basis" not in state or int(state["step"]) % group["update_gap"] == 0:
-            state["basis"] = make_basis(grad, min(group["rank"], *grad.shape))
+            state["basis"] = self._basis(grad, state, group)
             self._on_new_basis(state)
         state["step"] += 1
         low = self._transform(project(grad, state["basis"]), state, group)
         direction, step_size = self._adam(low, state, group)
         update = project_back(direction, state["basis"], p.shape).mul_(group["scale"])
         self._apply(p, update, step_size, group)
+
+    def _basis(
+        self, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any]
+    ) -> torch.Tensor:
+        """A matrix's new basis (exact SVD or warm-started randomized, ``group["basis"]``);
+        the randomized draw is seeded by the step count and shape, so a resume repeats it."""
+        step = int(state["step"])
+        return make_basis(
+            grad,
+            min(group["rank"], *grad.shape),
+            group.get("basis", "svd"),
+            state.get("basis"),
+            group.get("power_iters", 2),
+            seed=step * 1_000_003 + grad.shape[0] * 7919 + grad.shape[1],
+        )
 
     def _on_new_basis(self, state: dict[str, Any]) -> None:
         """Called when a matrix's basis has been (re)computed."""
@@ -445,6 +494,10 @@ class GaLore(OptimizerMethod):
         """Rank r of the gradient projection (the authors use 4-8 for fine-tuning, 128-1024 for pre-training)."""
         update_gap: int = 200
         """T: steps between recomputations of a matrix's projection basis (SVD of its gradient)."""
+        basis: Literal["svd", "randomized"] = "svd"
+        """How a basis is recomputed: the gradient's exact SVD, or randomized subspace iteration warm-started from the previous basis (a few products with the gradient instead of an SVD: no first-step wall at 7B)."""
+        power_iters: int = 2
+        """randomized: subspace iterations per refresh (each two products with the gradient)."""
         scale: float = 0.25
         """alpha: the projected-back update is multiplied by it."""
         betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
@@ -464,6 +517,8 @@ class GaLore(OptimizerMethod):
                 raise ValueError(f"rank must be >= 1, got {self.rank}")
             if self.update_gap < 1:
                 raise ValueError(f"update_gap must be >= 1, got {self.update_gap}")
+            if self.power_iters < 0:
+                raise ValueError(f"power_iters must be >= 0, got {self.power_iters}")
             check_betas(self.betas)
             if self.scale <= 0:
                 raise ValueError(f"scale must be > 0, got {self.scale}")
@@ -575,5 +630,7 @@ class GaLore(OptimizerMethod):
             scale=c.scale,
             state_bits=c.state_bits,
             layerwise=c.layerwise,
+            basis=c.basis,
+            power_iters=c.power_iters,
             **self.extra_defaults(),
         )

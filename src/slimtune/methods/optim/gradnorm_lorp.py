@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from ...registry import register
-from .galore import GaLore, GaLoreAdamW, make_basis, project, project_back
+from .galore import GaLore, GaLoreAdamW, project, project_back
 
 
 def weight_norm_grads(
@@ -55,7 +55,7 @@ class GradNormLoRPAdamW(GaLoreAdamW):
         grad_g, grad_v = weight_norm_grads(grad.float(), unit, mag, vnorm)
 
         if "basis" not in state or int(state["step"]) % group["update_gap"] == 0:
-            state["basis"] = make_basis(grad_v, min(group["rank"], *grad_v.shape))
+            state["basis"] = self._basis(grad_v, state, group)
         state["step"] += 1
         direction, step_size = self._adam(project(grad_v, state["basis"]), state, group)
         v = unit.mul_(vnorm[:, None])  # V, transient

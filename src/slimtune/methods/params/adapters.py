@@ -826,6 +826,7 @@ class MAM(WrapperMethod):
 
     mergeable = False
     supports_checkpointing = False  # peft re-applies the prefix cache in a recomputed block
+    supports_packing = False  # the prefix: virtual tokens before every row
 
     @dataclass
     class Config:

@@ -139,6 +139,7 @@ class PeftTuner(ParamsMethod):
         self.prompt = isinstance(self.config, PromptLearningConfig)
         # virtual tokens and LLaMA-Adapter's gated prompts have no weight to be folded into
         self.mergeable = not self.prompt and self.kind != PeftType.ADAPTION_PROMPT
+        self.supports_packing = not self.prompt  # virtual tokens before every row
         # prefixes (and LLaMA-Adapter's cached prompts) are applied again in a recomputed block
         self.supports_checkpointing = self.kind not in (
             PeftType.PREFIX_TUNING,

@@ -19,6 +19,8 @@ from ..base import ParamsMethod, PrepareContext
 class _VirtualTokens(ParamsMethod):
     """Shared by prompt and prefix tuning: a peft prompt-learning adapter, saved in PEFT format."""
 
+    supports_packing = False  # virtual tokens before every row
+
     mergeable = False
     frozen_base = True
 

@@ -14,7 +14,7 @@ import torch.autograd.forward_ad as fwAD
 from torch import nn
 
 from ....data import IGNORE
-from ....loss import Head, _chunk_logps, _innermost, chunked_ce, no_logits
+from ....loss import Head, _chunk_logps, _innermost, chunked_ce, model_inputs, no_logits
 from .noise import PerturbedTensor
 from .perturbation import Pass, Perturber, Unstackable
 
@@ -100,10 +100,10 @@ class SegmentForward:
         """Final hidden states (or logits) of each copy: one forward of the batch stacked k
         times, or, for a model that computes something once for the whole batch (peft prompt
         tuning embeds its virtual tokens once), one forward per copy."""
-        ids, mask = batch["input_ids"], batch["attention_mask"]
+        inputs = model_inputs(batch)
         if self.stack and k > 1:
             try:
-                out = self._run(ids.repeat(k, 1), mask.repeat(k, 1), logits)
+                out = self._run({n: t.repeat(k, 1) for n, t in inputs.items()}, logits)
                 return list(out.chunk(k))
             except Unstackable:
                 self.stack = False
@@ -111,21 +111,20 @@ class SegmentForward:
         for j in range(k):
             prev, spec.segment = spec.segment, j
             try:
-                outs.append(self._run(ids, mask, logits))
+                outs.append(self._run(inputs, logits))
             finally:
                 spec.segment = prev
         return outs
 
-    def _run(self, ids: torch.Tensor, mask: torch.Tensor, logits: bool) -> torch.Tensor:
+    def _run(self, inputs: dict[str, torch.Tensor], logits: bool) -> torch.Tensor:
         if logits:
-            return self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            return self.model(**inputs, use_cache=False).logits
         captured: list[torch.Tensor] = []
         hook = self.decoder.register_forward_hook(lambda m, a, o: captured.append(o[0]))
         try:
             self.model(
-                input_ids=ids,
-                attention_mask=mask,
-                logits_to_keep=no_logits(ids.device),
+                **inputs,
+                logits_to_keep=no_logits(inputs["input_ids"].device),
                 use_cache=False,
             )
         finally:
