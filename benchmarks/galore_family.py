@@ -254,12 +254,13 @@ def main(argv: list[str] | None = None) -> None:
             r = results[row]
             print(f"{row}: eval loss {r['eval_loss']:.4f} acc {r['eval_accuracy']}", flush=True)
         raw["demo"] = results
-        base = results["adamw"]
+        ref = "adamw" if "adamw" in results else rows[0]  # the row the others are compared to
+        base = results[ref]
         lines = [
             f"## Demo task (SST-2 prompt, 600 train / 272 held out), full fine-tuning, "
             f"{args.demo_steps} steps of batch 16; GaLore rank {DEMO_RANK}, alpha {DEMO_SCALE}",
             "",
-            "| optimizer | held-out loss | vs AdamW | held-out accuracy | last train loss "
+            f"| optimizer | held-out loss | vs {ref} | held-out accuracy | last train loss "
             "| s/step (median) | peak RSS (GB) |",
             "| --- | --- | --- | --- | --- | --- | --- |",
         ]
@@ -271,11 +272,13 @@ def main(argv: list[str] | None = None) -> None:
             )
         out += [*lines, ""]
         for row, r in results.items():
-            if row != "adamw":
+            if row != ref:
                 gap = r["eval_loss"] / base["eval_loss"] - 1
+                bound = 0.05 if ref == "adamw" else 0.02  # a GaLore variant against GaLore: 2%
+                ok = gap <= bound if ref == "adamw" else abs(gap) <= bound
                 out.append(
-                    f"- {'PASS' if gap <= 0.05 else 'FAIL'} {row}: held-out loss within 5% of "
-                    f"AdamW's: {gap:+.1%}"
+                    f"- {'PASS' if ok else 'FAIL'} {row}: held-out loss within "
+                    f"{bound:.0%} of {ref}'s: {gap:+.1%}"
                 )
         out.append("")
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -189,3 +189,28 @@ def test_bench_runs_the_recipes_own_lora_with_either_spelling(tmp_path, cls_data
     assert m["params"] == params and m["from_recipe"] == ["params", "optimizer"]  # lr 1e-2
     assert m["s_per_step"] == pytest.approx(m["train_seconds"])  # one step
     assert "| s/step |" in (out / "report.md").read_text()
+
+
+def test_gpu_benchmark_runs_end_to_end_as_a_cpu_dry_run(tmp_path):
+    """benchmarks/gpu.py (issue 21's GPU table) on a tiny random model on the CPU: every
+    row runs in its own process and lands in the table (the GPU run itself needs a GPU)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "gpu.md"
+    args = ["--arch", "tiny", "--device", "cpu", "--dtype", "fp32", "--batch", "1", "--seq", "32"]
+    args += ["--steps", "2", "--warmup", "0", "--rows", "lora,peft-trainer,forward"]
+    done = subprocess.run(
+        [sys.executable, str(root / "benchmarks/gpu.py"), *args, "--work", str(tmp_path)]
+        + ["--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    table = out.read_text()
+    for row in ("lora", "peft-trainer", "forward"):
+        line = next(x for x in table.splitlines() if x.startswith(f"| {row} |"))
+        assert "failed" not in line and "timeout" not in line, line

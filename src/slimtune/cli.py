@@ -1,4 +1,4 @@
-"""``slimtune train|fed|eval|merge|plan|bench|methods|demo``. User errors print one line and exit with code 2."""
+"""``slimtune train|fed|eval|merge|generate|chat|plan|bench|methods|demo``. User errors print one line and exit with code 2."""
 
 from __future__ import annotations
 
@@ -170,6 +170,82 @@ def cmd_eval(args: argparse.Namespace) -> int:
     # The table and a collapse warning for a reader, on stderr: stdout stays one JSON document.
     for line in held_out_lines({"eval": metrics}):
         print(line, file=sys.stderr)
+    return 0
+
+
+def _generator(args: argparse.Namespace):
+    """The model of a run directory (its adapter on a fresh base; ``--merge`` folds it) or of
+    a recipe, as a ``generate.Generator``."""
+    from . import config
+    from .generate import Generator
+    from .models import load_recipe_model
+
+    target = Path(args.target)
+    quiet_libraries()
+    if target.is_dir():
+        cfg, model, tok, method = _load_run(target, args.overrides)
+        if args.merge:
+            model = method.merge(model)
+    elif target.is_file():
+        cfg = config.load(target, args.overrides)
+        model, tok = load_recipe_model(cfg.model, base=cfg.base)
+    else:
+        raise SlimtuneError(f"{args.cmd}: {str(target)!r}: neither a run directory nor a recipe")
+    return Generator(model, tok, cfg.data, args.chat), cfg
+
+
+def _sampling(args: argparse.Namespace):
+    from .generate import Sampling
+
+    return Sampling(args.max_new_tokens, args.sample, args.temperature, args.top_p, args.seed)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .generate import generate_file, read_prompts
+
+    prompts = read_prompts(Path(args.prompts))
+    sampling = _sampling(args)
+    out = Path(args.out) if args.out else None
+    if out is not None and not out.parent.is_dir():
+        raise SlimtuneError(f"--out: {str(out.parent)!r} is not a directory")
+    gen, cfg = _generator(args)
+    if args.batch_size < 1:
+        raise SlimtuneError(f"--batch-size must be >= 1, got {args.batch_size}")
+    stats = generate_file(gen, prompts, sampling, out, args.batch_size, cfg.train.progress)
+    rate = stats["new_tokens"] / max(stats["seconds"], 1e-9)
+    where = f" to {out}" if out else ""
+    print(
+        f"{stats['prompts']} prompts, {stats['new_tokens']} new tokens in "
+        f"{stats['seconds']:.1f} s ({rate:.1f} tokens/s){where}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from .generate import chat_loop
+
+    sampling = _sampling(args)
+    gen, _ = _generator(args)
+    gen.chat = True
+    interactive = sys.stdin.isatty()
+
+    def lines():
+        while True:
+            if interactive:
+                print("> ", end="", file=sys.stderr, flush=True)
+            line = sys.stdin.readline()
+            if not line:
+                return
+            yield line
+
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    if interactive:
+        print("chat: /reset starts a new conversation, /exit (or Ctrl-D) ends", file=sys.stderr)
+    chat_loop(gen, lines(), sampling, write, lambda s: print(s, file=sys.stderr), args.system)
     return 0
 
 
@@ -432,6 +508,40 @@ def _add_demo_eval_merge(sub: argparse._SubParsersAction[argparse.ArgumentParser
         "runs in that dtype or wider",
     )
     m.set_defaults(fn=cmd_merge)
+    _add_generate_chat(sub)
+
+
+def _add_generate_chat(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """generate and chat: what they share (target, sampling, chat template, merge)."""
+    g = sub.add_parser(
+        "generate",
+        help="complete a file of prompts with a run's model (or a recipe's) into JSONL",
+    )
+    c = sub.add_parser("chat", help="talk to a run's model (or a recipe's) in the terminal")
+    for p in (g, c):
+        p.add_argument("target", help="a run directory, or a recipe (its model as loaded)")
+        p.add_argument("overrides", nargs="*", help="recipe overrides (e.g. model.device=cpu)")
+        p.add_argument("--max-new-tokens", type=int, default=128)
+        p.add_argument("--sample", action="store_true", help="sample instead of greedy")
+        p.add_argument("--temperature", type=float, default=0.7)
+        p.add_argument("--top-p", type=float, default=0.9)
+        p.add_argument("--seed", type=int, default=0, help="sampling: seed of the first prompt")
+        p.add_argument("--merge", action="store_true", help="fold the adapter in first")
+    g.add_argument("--prompts", required=True, help=".txt (a prompt per line) or .jsonl")
+    g.add_argument("--out", help="JSONL file to write (default: stdout)")
+    g.add_argument("--batch-size", type=int, default=8, help="greedy: prompts per batch")
+    chat = g.add_mutually_exclusive_group()
+    chat.add_argument(
+        "--chat",
+        dest="chat",
+        action="store_true",
+        default=None,
+        help="wrap text prompts in the chat template (default: as the run trained)",
+    )
+    chat.add_argument("--no-chat", dest="chat", action="store_false")
+    g.set_defaults(fn=cmd_generate, cmd="generate")
+    c.add_argument("--system", help="a system message for every conversation")
+    c.set_defaults(fn=cmd_chat, cmd="chat", chat=True)
 
 
 def _add_plan(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
