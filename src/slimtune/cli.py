@@ -1,4 +1,4 @@
-"""``slimtune train|fed|eval|merge|generate|chat|plan|bench|methods|demo``. User errors print one line and exit with code 2."""
+"""``slimtune train|fed|eval|merge|export|generate|chat|plan|bench|methods|demo``. User errors print one line and exit with code 2."""
 
 from __future__ import annotations
 
@@ -274,6 +274,48 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """A run (its adapter folded in) or a recipe's model as one GGUF file, and an Ollama
+    Modelfile beside it; nothing is written when anything fails."""
+    from . import config
+    from .export import check, export_gguf, modelfile
+    from .models import load_recipe_model
+
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise SlimtuneError(f"export: output {str(out)!r} exists; choose a new directory")
+    target = Path(args.target)
+    quiet_libraries()
+    if target.is_dir():
+        cfg, model, tok, method = _load_run(target, args.overrides, dense=True)
+        model = method.merge(model)
+        name = target.name
+    elif target.is_file():
+        cfg = config.load(target, args.overrides)
+        model, tok = load_recipe_model(cfg.model, base=cfg.base)
+        name = Path(cfg.model.name).name
+    else:
+        raise SlimtuneError(f"export: {str(target)!r}: neither a run directory nor a recipe")
+    check(model, args.dtype)
+    from .checkpoint import atomic_dir, commit_dir
+
+    tmp = atomic_dir(out)
+    try:
+        file = f"{name}-{args.dtype}.gguf"
+        info = export_gguf(model, tok, tmp / file, args.dtype, name)
+        (tmp / "Modelfile").write_text(modelfile(file, tok))
+        commit_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(
+        f"{out / file}: {info['architecture']}, {info['tensors']} tensors, "
+        f"{info['bytes'] / 2**20:.1f} MiB ({args.dtype}); Ollama: cd {out} && ollama create "
+        f"{name} -f Modelfile"
+    )
+    return 0
+
+
 def print_fed_report(summary: dict[str, Any]) -> None:
     steps = summary.get("local_steps") or 0
     local = (
@@ -509,6 +551,15 @@ def _add_demo_eval_merge(sub: argparse._SubParsersAction[argparse.ArgumentParser
     )
     m.set_defaults(fn=cmd_merge)
     _add_generate_chat(sub)
+    x = sub.add_parser(
+        "export", help="write a run's model (adapter folded in) as GGUF for llama.cpp / Ollama"
+    )
+    x.add_argument("target", help="a run directory, or a recipe (its model as loaded)")
+    x.add_argument("out", help="a new directory for the .gguf file and an Ollama Modelfile")
+    x.add_argument("overrides", nargs="*")
+    x.add_argument("--format", choices=["gguf"], default="gguf")
+    x.add_argument("--dtype", choices=["f16", "bf16", "f32", "q8_0"], default="f16")
+    x.set_defaults(fn=cmd_export)
 
 
 def _add_generate_chat(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
