@@ -55,6 +55,9 @@ VARIANTS.update(
         "nlora": {"r": 4},
         # phase 1 (scales) only in the 4-step run; test_adapters.py runs both phases
         "lofit": {"select_at": 0.9},
+        # no growth in the 4-step run (a grown block was frozen at step 0); test_triadapt.py
+        # grows ranks
+        "triadapt-lora": {"warmup": 10},
         "nlora-slora": {"r": 4, "init": "slora"},
         "nlora-inttune": {"r": 4, "train": "middle"},
         "series-adapter-both": {"placement": ["attention", "mlp"], "bottleneck": 8},

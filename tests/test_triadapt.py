@@ -35,19 +35,20 @@ def set_norms(method, model, values):
     """Give each module a C whose normalised Frobenius norm is ``values[i]``."""
     with torch.no_grad():
         for w, v in zip(method.wrapped(model).values(), values):
-            w.c_low.zero_()
-            w.c_up.zero_()
-            w.c_low[0, 0] = v * w.blocks  # C[0, 0] only: ||C|| / blocks == v
+            for p in (*w.c_row, *w.c_col):
+                p.zero_()
+            w.c_row[0][0, 0] = v * w.blocks  # C[0, 0] only: ||C|| / blocks == v
 
 
 def test_starts_as_loaded_with_orthonormal_svd_factors():
     method, model, want = prepared()
     torch.testing.assert_close(model(input_ids=IDS).logits, want, atol=0, rtol=0)  # C = 0
     for w in method.wrapped(model).values():
+        a, b = torch.cat(list(w.a)), torch.cat(list(w.b), 1)  # every block, grown or not
         eye = torch.eye(w.cap)
         # singular vectors from an fp32 SVD: orthonormal to ~1e-6
-        torch.testing.assert_close(w.a @ w.a.T, eye, atol=1e-5, rtol=0)
-        torch.testing.assert_close(w.b.T @ w.b, eye, atol=1e-5, rtol=0)
+        torch.testing.assert_close(a @ a.T, eye, atol=1e-5, rtol=0)
+        torch.testing.assert_close(b.T @ b, eye, atol=1e-5, rtol=0)
 
 
 def test_ranks_grow_as_the_linear_threshold_schedule_says():
@@ -90,23 +91,19 @@ def test_exponential_schedule_warmup_interval_and_budget():
     assert sum(method.ranks(model).values()) == 20
 
 
-def test_growth_adds_parameters_and_only_the_grown_part_trains():
+def test_growth_adds_parameters_with_fresh_optimizer_state_and_only_grown_blocks_train():
     method, model, _ = prepared()
     w = next(iter(method.wrapped(model).values()))
-    opt = torch.optim.AdamW(method.param_groups(model, 0.1), lr=1e-2)  # C's zeros stay zero
+    opt = torch.optim.AdamW(method.param_groups(model, 0.1), lr=1e-2)
     for step in range(2):
-        before = {k: getattr(w, k).detach().clone() for k in ("a", "b", "c_low", "c_up")}
+        waiting = [p for k in range(w.blocks, len(w.ends)) for p in w.block_params(k)]
+        before = [p.detach().clone() for p in waiting]
         model(input_ids=IDS, labels=IDS).loss.backward()
         opt.step()
         opt.zero_grad()
-        r = w.rank
-        # beyond the grown part: exact zero gradients, no change
-        assert torch.equal(w.a[r:], before["a"][r:])
-        assert torch.equal(w.b[:, r:], before["b"][:, r:])
-        for k in ("c_low", "c_up"):
-            assert torch.equal(getattr(w, k)[r:], before[k][r:])
-            assert torch.equal(getattr(w, k)[:, r:], before[k][:, r:])
-        assert not torch.equal(w.c_low[:r, :r], before["c_low"][:r, :r])
+        # blocks not grown yet: no gradient, no optimizer state, unchanged
+        assert all(p.grad is None and p not in opt.state for p in waiting)
+        assert all(torch.equal(p, q) for p, q in zip(waiting, before))
         # growing keeps every trained entry and adds zero ones: the update only rescales by
         # alpha / R (the authors' rule)
         old_c, old_delta, old_r = w.c().detach().clone(), w.delta().detach().clone(), w.rank
@@ -116,6 +113,12 @@ def test_growth_adds_parameters_and_only_the_grown_part_trains():
         assert torch.equal(new_c[:old_r, :old_r], old_c)
         assert not new_c[old_r:].any() and not new_c[:, old_r:].any()
         torch.testing.assert_close(w.delta(), old_delta * old_r / w.rank, rtol=1e-6, atol=0)
+    # the block grown last starts its optimizer state fresh at its first step
+    model(input_ids=IDS, labels=IDS).loss.backward()
+    opt.step()
+    newest = w.block_params(w.blocks - 1)
+    assert all(int(opt.state[p]["step"]) == 1 for p in newest)
+    assert int(opt.state[w.a[0]]["step"]) == 3
 
 
 def test_run_saves_grown_part_and_schedule_and_reloads(tmp_path, cls_data):
@@ -143,3 +146,28 @@ def test_zeroth_order_is_refused(tmp_path, cls_data):
 def test_bad_ranks_are_refused_in_one_line():
     with pytest.raises(SlimtuneError, match="init_r <= r <= max_r"):
         config._method("params", {"name": "triadapt-lora", "r": 8, "max_r": 4}, "full")
+
+
+def test_fedavg_keeps_the_union_of_grown_blocks():
+    from slimtune.federated.aggregate import fedavg
+
+    method, model, _ = prepared()
+    first = {k: v.clone() for k, v in method.trainable_state(model).items()}
+    w = next(iter(method.wrapped(model).values()))
+    with torch.no_grad():
+        w.grow(1)
+        w.c_row[1].fill_(0.5)
+    second = {k: v.clone() for k, v in method.trainable_state(model).items()}
+    method.load_trainable_state(model, fedavg([first, second], [1.0, 1.0]))
+    assert w.rank == 3 and w.c_row[1].requires_grad  # grown on one client: grown
+    assert torch.allclose(w.c_row[1], torch.full_like(w.c_row[1], 0.25))  # averaged with 0
+
+
+def test_growing_run_resumes_exactly(tmp_path, cls_data):
+    from .conftest import assert_resume_exact
+
+    params = {"name": "triadapt-lora", "r": 4, "init_r": 1, "step_r": 2}
+    sections = {"params": params, "train": {"steps": 6}}
+    straight = train(config.from_dict(tiny_recipe(cls_data, tmp_path / "a", **sections)))
+    assert sum(straight.method.ranks(straight.model).values()) > 4  # it grew
+    assert_resume_exact(straight, cls_data, tmp_path / "b", 3, **sections)

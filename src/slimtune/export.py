@@ -67,8 +67,9 @@ def pre_tokenizer_name(tok: Any) -> str:
     )
 
 
-def tokenizer_fields(tok: Any) -> dict[str, Any]:
-    """Tokens, types, merges and special ids of a byte-level BPE tokenizer."""
+def tokenizer_fields(tok: Any, rows: int = 0) -> dict[str, Any]:
+    """Tokens, types, merges and special ids of a byte-level BPE tokenizer, padded with unused
+    ``[PADn]`` tokens to ``rows`` (the embedding's rows, which llama.cpp requires to match)."""
     spec = json.loads(tok.backend_tokenizer.to_str())
     model = spec.get("model", {})
     if model.get("type") != "BPE" or (spec.get("decoder") or {}).get("type") != "ByteLevel":
@@ -77,7 +78,7 @@ def tokenizer_fields(tok: Any) -> dict[str, Any]:
             "tokenizers (SmolLM2, Llama 3, Qwen2) can be exported so far"
         )
     vocab = tok.get_vocab()
-    n = max(vocab.values()) + 1
+    n = max(max(vocab.values()) + 1, rows)
     tokens = [f"[PAD{i}]" for i in range(n)]
     types = [5] * n  # UNUSED until a token claims the id
     for text, i in vocab.items():
@@ -130,7 +131,7 @@ def export_gguf(
     import gguf
 
     kind = check(model, dtype)
-    fields = tokenizer_fields(tok)
+    fields = tokenizer_fields(tok, model.get_input_embeddings().weight.shape[0])
     pre = pre_tokenizer_name(tok)
     c = model.config
     arch = getattr(gguf.MODEL_ARCH, ARCHES[kind])

@@ -6,7 +6,7 @@ B (out x R) and a square transformation matrix C (R x R). The three mechanisms o
 
 * **Triangular split.** C grows by blocks: growing from rank R to R + k adds a row block (k x
   (R + k)) and a column block ((R + k) x k); C is their sum, so the row blocks form a lower and
-  the column blocks an upper block-triangular part (``c_low``, ``c_up``; the diagonal blocks
+  the column blocks an upper block-triangular part (``c_row``, ``c_col``; the diagonal blocks
   are in both). What trained before stays as it was: growth only adds parameters.
 * **Importance** of a module: its ||C||_F divided by its number of blocks (the normalised
   Frobenius norm), taken as the increase since the previous allocation.
@@ -22,11 +22,12 @@ C start at zero and only A is drawn, which leaves every gradient zero (dC = B^T 
 through C), so nothing trains. Here A and B are W's leading singular vectors (orthonormal, the
 orthogonality term's own fixed point) and C is zero, so the model starts as loaded and C gets
 a gradient at once; a module's new directions are the next singular vectors. The authors have
-no per-module cap; here ``max_r`` bounds a module and fixes the tensors' size for the run, so
-checkpoints, FedAvg and the planner see one shape. Only the grown part computes and changes
-(the slices beyond R get exact zero gradients) and the artefact holds the grown part alone.
+no per-module cap; here ``max_r`` bounds a module, and every block up to it exists from the
+start (requires_grad off until grown), so checkpoints, FedAvg and the planner see one set of
+shapes. Only the grown blocks compute and train, and the artefact holds them alone.
 As in their code the scale is alpha / R with R the current rank, so a module's update shrinks
-when it grows. The rank schedule (the step each block was added) is saved.
+when it grows. The rank schedule (the step each block was added) is saved. As their new
+parameter groups do, a grown block starts with fresh optimizer state (its step count at 0).
 """
 
 from __future__ import annotations
@@ -57,24 +58,16 @@ def block_ends(init_r: int, step_r: int, cap: int) -> list[int]:
     return ends
 
 
-def triangular_masks(ends: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Which entries of C the row blocks (lower) and the column blocks (upper) hold: row block
-    b spans columns [0, ends[b]), column block b spans rows [0, ends[b])."""
-    cap = ends[-1]
-    block = torch.zeros(cap, dtype=torch.long)
-    start = 0
-    for b, end in enumerate(ends):
-        block[start:end] = b
-        start = end
-    end_of = torch.tensor(ends)[block]  # the end of each index's block
-    idx = torch.arange(cap)
-    lower = idx[None, :] < end_of[:, None]  # (i, j): j inside row i's block span
-    upper = idx[:, None] < end_of[None, :]  # (i, j): i inside column j's block span
-    return lower.float(), upper.float()
+def starts_of(ends: list[int]) -> list[int]:
+    return [0, *ends[:-1]]
 
 
 class TriAdapt(Wrapper):
-    """One adapted linear: A, B, C's two triangular parts and the rank schedule."""
+    """One adapted linear. Block k (rows ``start_k:end_k`` of the rank) has its own tensors:
+    a_k (size_k x in), b_k (out x size_k), the row block c_row_k (size_k x end_k) and the
+    column block c_col_k (end_k x size_k) of C. Blocks not grown yet have requires_grad off:
+    they get no gradient, and the optimizer (which holds them from the start) creates their
+    state at their first gradient, fresh, as for the authors' new parameter groups."""
 
     def __init__(self, base: nn.Linear, cfg: Any, rank: int, weight: Any, seed: int = 0):
         """``weight``: W as the base computes with it (dequantised over a quantised base), or
@@ -89,13 +82,17 @@ class TriAdapt(Wrapper):
             u, vh = leading_singular_vectors(weight.detach(), cap, seed)
             a, b = vh, u
         device = base.weight.device
-        self.a = nn.Parameter(a.to(device))
-        self.b = nn.Parameter(b.to(device))
-        self.c_low = nn.Parameter(torch.zeros(cap, cap, device=device))
-        self.c_up = nn.Parameter(torch.zeros(cap, cap, device=device))
-        lower, upper = triangular_masks(self.ends)
-        self.register_buffer("low_mask", lower.to(device), persistent=False)
-        self.register_buffer("up_mask", upper.to(device), persistent=False)
+        spans = list(zip(starts_of(self.ends), self.ends))
+        self.a = nn.ParameterList([nn.Parameter(a[s:e].to(device)) for s, e in spans])
+        self.b = nn.ParameterList(
+            [nn.Parameter(b[:, s:e].contiguous().to(device)) for s, e in spans]
+        )
+        self.c_row = nn.ParameterList(
+            [nn.Parameter(torch.zeros(e - s, e, device=device)) for s, e in spans]
+        )
+        self.c_col = nn.ParameterList(
+            [nn.Parameter(torch.zeros(e, e - s, device=device)) for s, e in spans]
+        )
         # steps done when each block was added, plus one (0: not added); the first is there
         # from the start
         schedule = torch.zeros(len(self.ends), device=device)
@@ -106,6 +103,7 @@ class TriAdapt(Wrapper):
             self.schedule[0] = 1.0
             while self.rank < min(rank, cap):  # the planner measures a later rank
                 self.grow(0)
+        self.set_trainable()
 
     @property
     def cap(self) -> int:
@@ -115,21 +113,35 @@ class TriAdapt(Wrapper):
     def blocks(self) -> int:
         return self.ends.index(self.rank) + 1
 
+    def block_params(self, k: int) -> list[nn.Parameter]:
+        return [self.a[k], self.b[k], self.c_row[k], self.c_col[k]]
+
+    def set_trainable(self) -> None:
+        """The grown blocks train, the others wait."""
+        for k in range(len(self.ends)):
+            for p in self.block_params(k):
+                p.requires_grad_(k < self.blocks)
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        n = self.blocks
+        return torch.cat(list(self.a[:n]), 0), torch.cat(list(self.b[:n]), 1)
+
     def c(self) -> torch.Tensor:
-        """C at the current rank: the row blocks plus the column blocks."""
-        r = self.rank
-        return (self.c_low * self.low_mask + self.c_up * self.up_mask)[:r, :r]
+        """C at the current rank: the row blocks (lower) plus the column blocks (upper)."""
+        r, n = self.rank, self.blocks
+        rows = torch.cat([F.pad(self.c_row[k], (0, r - self.ends[k])) for k in range(n)], 0)
+        cols = torch.cat([F.pad(self.c_col[k], (0, 0, 0, r - self.ends[k])) for k in range(n)], 1)
+        return rows + cols
 
     def delta(self) -> torch.Tensor:
-        r = self.rank
-        return (self.alpha / r) * (self.b[:, :r] @ self.c() @ self.a[:r])
+        a, b = self.factors()
+        return (self.alpha / self.rank) * (b @ self.c() @ a)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        r = self.rank
-        t = F.linear(x.to(self.a.dtype), self.a[:r])
-        t = F.linear(F.linear(t, self.c()), self.b[:, :r])
-        return y + (t * (self.alpha / r)).to(y.dtype)
+        a, b = self.factors()
+        t = F.linear(F.linear(F.linear(x.to(a.dtype), a), self.c()), b)
+        return y + (t * (self.alpha / self.rank)).to(y.dtype)
 
     def merged(self) -> nn.Linear:
         with torch.no_grad():
@@ -142,15 +154,27 @@ class TriAdapt(Wrapper):
 
     def grow(self, steps_done: int) -> None:
         """Add the next block (the caller checked there is one)."""
-        b = self.blocks
-        self.schedule[b] = steps_done + 1
-        self.rank = self.ends[b]
+        k = self.blocks
+        self.schedule[k] = steps_done + 1
+        self.rank = self.ends[k]
+        self.set_trainable()
 
     def rank_from_schedule(self) -> None:
         """The rank the schedule buffer says (after a checkpoint or an average of clients:
         a block counts as added where any client added it, i.e. its mean is above 0)."""
         added = int((self.schedule > 0).sum())
         self.rank = self.ends[max(added, 1) - 1]
+        self.set_trainable()
+
+    def set_c(self, c: torch.Tensor) -> None:
+        """Blocks holding a given C (a loaded artefact): each row block takes its rows, each
+        column block the rows above its diagonal block."""
+        for k, (s, e) in enumerate(zip(starts_of(self.ends), self.ends)):
+            if e > c.shape[0]:
+                break
+            self.c_row[k].copy_(c[s:e, :e])
+            self.c_col[k].zero_()
+            self.c_col[k][:s].copy_(c[:s, s:e])
 
 
 def leading_singular_vectors(
@@ -234,10 +258,10 @@ class TriAdaptLoRA(WrapperMethod):
         """C decays; A and B do not: they are unit directions the orthogonality term holds,
         and decay would shrink the not yet grown ones before they are used."""
         wrappers = self.wrapped(model).values()
-        groups = [{"params": [w.c_low for w in wrappers] + [w.c_up for w in wrappers]}]
-        groups[0]["weight_decay"] = weight_decay
-        groups.append({"params": [p for w in wrappers for p in (w.a, w.b)], "weight_decay": 0.0})
-        return groups
+        c = [p for w in wrappers for p in (*w.c_row, *w.c_col)]
+        ab = [p for w in wrappers for p in (*w.a, *w.b)]
+        # every block from the start (not yet grown ones included: no gradient, no state)
+        return [{"params": c, "weight_decay": weight_decay}, {"params": ab, "weight_decay": 0.0}]
 
     def check_optimizer(self, optimizer: Any) -> None:
         if optimizer.forward_only:
@@ -252,9 +276,8 @@ class TriAdaptLoRA(WrapperMethod):
             return None
         total, wrappers = 0.0, self.wrapped(model).values()
         for w in wrappers:
-            r = w.rank
-            a, b = w.a[:r], w.b[:, :r]
-            eye = torch.eye(r, device=a.device, dtype=a.dtype)
+            a, b = w.factors()
+            eye = torch.eye(w.rank, device=a.device, dtype=a.dtype)
             total = total + (a @ a.T - eye).norm() + (b.T @ b - eye).norm()
         return self.cfg.orth * total / (2 * len(wrappers))
 
@@ -300,18 +323,24 @@ class TriAdaptLoRA(WrapperMethod):
 
     # --- state: the full tensors in checkpoints, the grown part in the artefact ---------
     def trainable_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        out = super().trainable_state(model)
+        """Every block, grown or not (one set of shapes for checkpoints and FedAvg), and the
+        schedule."""
+        out = {}
         for name, w in self.wrapped(model).items():
+            for key in ("a", "b", "c_row", "c_col"):
+                for k, p in enumerate(getattr(w, key)):
+                    out[f"{name}.{key}.{k}"] = p.detach()
             out[f"{name}.schedule"] = w.schedule
             out[f"{name}.prev_norm"] = w.prev_norm
         return out
 
     def load_trainable_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
         wrappers = self.wrapped(model)
-        own = {f"{n}.{k}" for n in wrappers for k in ("schedule", "prev_norm")}
-        super().load_trainable_state(model, {k: v for k, v in state.items() if k not in own})
         with torch.no_grad():
             for name, w in wrappers.items():
+                for key in ("a", "b", "c_row", "c_col"):
+                    for k, p in enumerate(getattr(w, key)):
+                        p.copy_(state[f"{name}.{key}.{k}"])
                 w.schedule.copy_(state[f"{name}.schedule"])
                 w.prev_norm.copy_(state[f"{name}.prev_norm"])
                 w.rank_from_schedule()
@@ -319,8 +348,8 @@ class TriAdaptLoRA(WrapperMethod):
     def artefact_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
         out = {}
         for name, w in self.wrapped(model).items():
-            r = w.rank
-            out |= {f"{name}.a": w.a[:r], f"{name}.b": w.b[:, :r], f"{name}.c": w.c()}
+            a, b = w.factors()
+            out |= {f"{name}.a": a, f"{name}.b": b, f"{name}.c": w.c()}
         return {k: v.detach() for k, v in out.items()}
 
     def artefact_info(self, model: nn.Module) -> dict[str, Any]:
@@ -339,13 +368,13 @@ class TriAdaptLoRA(WrapperMethod):
                 for b, (done, _) in enumerate(info["rank_schedule"][name]):
                     w.schedule[b] = done + 1
                 w.rank_from_schedule()
-                r = w.rank
-                c = state[f"{name}.c"].to(w.c_low)
-                low = w.low_mask[:r, :r]
-                w.a[:r].copy_(state[f"{name}.a"])
-                w.b[:, :r].copy_(state[f"{name}.b"])
-                w.c_low[:r, :r].copy_(c * low)  # C = low part + the rest of the upper part
-                w.c_up[:r, :r].copy_(c * (1 - low))
+                a, b = state[f"{name}.a"], state[f"{name}.b"]
+                for k, (s, e) in enumerate(zip(starts_of(w.ends), w.ends)):
+                    if e > w.rank:
+                        break
+                    w.a[k].copy_(a[s:e])
+                    w.b[k].copy_(b[:, s:e])
+                w.set_c(state[f"{name}.c"].to(w.c_row[0]))
 
     def memory(self, plan: Any) -> None:
         """As the wrapper machinery measures it, with every module at the budget's rank r
