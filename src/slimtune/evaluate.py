@@ -296,14 +296,35 @@ def _greedy(model: nn.Module, ids: torch.Tensor, max_new: int, stop: set[int]) -
     again at every step. Their ``forward`` is right, so decode with it; a few samples of a few
     tokens make the quadratic cost irrelevant.
     """
+    return forward_decode(model, ids, max_new, stop, lambda logits: int(logits.argmax()))
+
+
+@torch.no_grad()
+def forward_decode(
+    model: nn.Module,
+    ids: torch.Tensor,
+    max_new: int,
+    stop: set[int],
+    choose: Any,
+    streamer: Any = None,
+) -> list[int]:
+    """Up to ``max_new`` tokens after ``ids`` (1 x T), each ``choose(last logits)``, by whole
+    forwards (see ``_greedy``); the stop token that ends it is included. ``streamer``
+    (transformers' TextStreamer) gets the prompt, then each token."""
+    if streamer is not None:
+        streamer.put(ids[0].cpu())  # the prompt, which the streamer skips
     new: list[int] = []
     for _ in range(max_new):
         logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
-        token = int(logits[0, -1].argmax())
+        token = choose(logits[0, -1].float())
         new.append(token)
+        if streamer is not None:
+            streamer.put(torch.tensor([token]))
         if token in stop:
             break
         ids = torch.cat([ids, ids.new_tensor([[token]])], dim=1)
+    if streamer is not None:
+        streamer.end()
     return new
 
 

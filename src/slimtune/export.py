@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from torch import nn
 
 from .errors import SlimtuneError
@@ -110,11 +109,10 @@ def check(model: nn.Module, dtype: str) -> str:
     return kind
 
 
-def tensor_data(name: str, t: torch.Tensor, dtype: str) -> tuple[np.ndarray, Any]:
-    """(array, raw GGML type or None) of one tensor in the file."""
+def tensor_data(data: np.ndarray, dtype: str) -> tuple[np.ndarray, Any]:
+    """(array, raw GGML type or None) of one float32 tensor in the file."""
     import gguf
 
-    data = t.detach().float().cpu().numpy()
     if data.ndim == 1 or dtype == "f32":
         return data.astype(np.float32), None
     if dtype == "f16" or (dtype == "q8_0" and data.shape[-1] % QK8_0):
@@ -189,10 +187,10 @@ def export_gguf(
                 raise SlimtuneError(f"export: no GGUF name for tensor {hf_name!r} ({kind})")
             data = t.detach().float().cpu().numpy()
             if kind in PERMUTED and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
-                t = torch.from_numpy(permute(data, heads, heads))
+                data = permute(data, heads, heads)
             elif kind in PERMUTED and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
-                t = torch.from_numpy(permute(data, heads, kv))
-            array, raw = tensor_data(target, t, dtype)
+                data = permute(data, heads, kv)
+            array, raw = tensor_data(data, dtype)
             writer.add_tensor(target, array, raw_dtype=raw)
             count += 1
         writer.write_header_to_file()

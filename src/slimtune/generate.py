@@ -148,8 +148,16 @@ class Generator:
     def _one(self, ids: list[int], sampling: Sampling, index: int, streamer: Any) -> list[int]:
         torch.manual_seed(sampling.seed * 1_000_003 + index)
         x = torch.tensor([ids], device=self.device)
-        if self.own_loop:
-            return self._own_loop(x, sampling, streamer)
+        if self.own_loop:  # peft prompt learning: whole forwards (evaluate._greedy says why)
+            from .evaluate import forward_decode
+
+            def choose(logits: torch.Tensor) -> int:
+                return pick(logits, sampling)
+
+            new = forward_decode(
+                self.model, x, sampling.max_new_tokens, self.stop, choose, streamer
+            )
+            return self._trim(new)
         options: dict[str, Any] = {"do_sample": sampling.sample}
         if sampling.sample:
             options |= {"temperature": sampling.temperature, "top_p": sampling.top_p}
@@ -162,24 +170,6 @@ class Generator:
             **options,
         )
         return self._trim(out[0, len(ids) :].tolist())
-
-    def _own_loop(self, x: torch.Tensor, sampling: Sampling, streamer: Any) -> list[int]:
-        """Whole forwards without a cache (peft prompt learning), greedy or sampled."""
-        new: list[int] = []
-        if streamer is not None:
-            streamer.put(x[0].cpu())  # the prompt, which the streamer skips
-        for _ in range(sampling.max_new_tokens):
-            logits = self.model(input_ids=x, attention_mask=torch.ones_like(x), use_cache=False)
-            token = pick(logits.logits[0, -1].float(), sampling)
-            new.append(token)
-            if streamer is not None:
-                streamer.put(torch.tensor([token]))
-            if token in self.stop:
-                break
-            x = torch.cat([x, x.new_tensor([[token]])], dim=1)
-        if streamer is not None:
-            streamer.end()
-        return self._trim(new)
 
     def _trim(self, new: list[int]) -> list[int]:
         """Up to the first stop token (kept out) and without trailing padding."""

@@ -38,6 +38,7 @@ class Lora(ParamsMethod):
     """
 
     frozen_base = True
+    ggpo: Any = None  # the run's GGPO perturbation (methods/params/ggpo.py) once prepared
 
     @dataclass
     class Config:
@@ -214,7 +215,6 @@ class Lora(ParamsMethod):
             raise SlimtuneError(f"config: params: {str(e).splitlines()[0]}") from None
         if self.on_quantised:
             loftq_on_base(peft_model, ctx)
-        self.ggpo = None
         if self.cfg.ggpo:
             from .ggpo import GGPO
 
@@ -242,22 +242,22 @@ class Lora(ParamsMethod):
         )
 
     def on_step_start(self, model: nn.Module, step: int, optimizer: torch.optim.Optimizer) -> None:
-        if getattr(self, "ggpo", None) is not None:
+        if self.ggpo is not None:
             self.ggpo.start(optimizer)
 
     def after_update(self, model: nn.Module, step: int) -> None:
-        if getattr(self, "ggpo", None) is not None:
+        if self.ggpo is not None:
             self.ggpo.end()
             self.ggpo.commit()
 
     def trainable_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
         state = super().trainable_state(model)
-        if getattr(self, "ggpo", None) is not None:
+        if self.ggpo is not None:
             state.update(self.ggpo.state())
         return state
 
     def load_trainable_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-        if getattr(self, "ggpo", None) is not None:
+        if self.ggpo is not None:
             self.ggpo.load_state(state)
             state = {k: v for k, v in state.items() if not k.endswith(".ggpo_gbar")}
         super().load_trainable_state(model, state)
