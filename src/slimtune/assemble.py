@@ -35,6 +35,7 @@ from .methods.base import (
 )
 from .models import dense_weights, load_recipe_model, pick_device
 from .plan.planner import device_kind
+from .sharding import shard
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +150,8 @@ def assemble(
             optimizer=optim_method, tokenizer=tok, main=acc.is_main_process,
         )
     )  # fmt: skip
+    if tc.sharding == "fsdp":  # before the optimizer: it must hold the shards
+        model = shard(model, acc.device, world)
     raw = optim_method.build(method.param_groups(model, cfg.optimizer.weight_decay), model)
     if local is not None and local.setup is not None:
         local.setup(model, raw, method)
@@ -157,7 +160,10 @@ def assemble(
     )
     trims = _trims(model) if tc.trim_memory and acc.device.type == "cpu" else []
     model.train()
-    wrapped, optimizer = acc.prepare(model, raw)
+    if tc.sharding == "fsdp":  # FSDP synchronises gradients itself: no DDP wrapper
+        wrapped, optimizer = model, acc.prepare(raw)
+    else:
+        wrapped, optimizer = acc.prepare(model, raw)
     return Parts(
         method=method,
         optim_method=optim_method,
@@ -211,6 +217,8 @@ def _methods(cfg: RunConfig, world: int) -> tuple[ParamsMethod, OptimizerMethod]
             f"data.packing: objective {cfg.objective.name} scores each example's sequences on "
             "their own; set data.packing: false"
         )
+    if cfg.train.sharding == "fsdp":
+        _check_sharding(cfg, method, optim_method, storage)
     if cfg.train.gradient_checkpointing and not method.supports_checkpointing:
         raise SlimtuneError(
             f"params: {cfg.params.name} cannot be combined with "
@@ -218,6 +226,38 @@ def _methods(cfg: RunConfig, world: int) -> tuple[ParamsMethod, OptimizerMethod]
             "when a block is recomputed); set it to false"
         )
     return method, optim_method
+
+
+def _check_sharding(
+    cfg: RunConfig, method: ParamsMethod, optim_method: OptimizerMethod, storage: Any
+) -> None:
+    """train.sharding: fsdp takes what is tested to equal one process (tests/test_sharding.py);
+    the rest is refused here, before anything loads, with what to use instead."""
+    instead = "set train.sharding: none (each process holds the whole model)"
+    for what, why in (
+        (f"params: {cfg.params.name}", method.sharding_refusal()),
+        (f"optimizer: {cfg.optimizer.name}", optim_method.sharding_refusal()),
+    ):
+        if why is not None:
+            raise SlimtuneError(f"train.sharding: fsdp: {what} {why}; {instead}")
+    if storage.quantised:
+        raise SlimtuneError(
+            f"train.sharding: fsdp: base {cfg.base.name} stores packed 4/8-bit weights that "
+            f"FSDP cannot split; {instead}"
+        )
+    unsupported = {
+        "train.save_every (sharded checkpoints)": cfg.train.save_every > 0 or cfg.resume,
+        "objective": cfg.objective.name != "causal-lm",
+        "train.gradient_checkpointing": cfg.train.gradient_checkpointing,
+        "train.mixed_precision": cfg.train.mixed_precision != "no",
+        "train.trim_memory": cfg.train.trim_memory,
+    }
+    for key, on in unsupported.items():
+        if on:
+            raise SlimtuneError(
+                f"train.sharding: fsdp with {key} is not tested yet; {instead}, or leave "
+                f"{key} at its default"
+            )
 
 
 def _prepare(

@@ -98,6 +98,8 @@ class TrainConfig:
     """CPU with glibc: give freed heap pages back to the OS after every transformer block (malloc_trim), for a lower peak RSS at a few % more step time."""
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     """Autocast compute dtype (through accelerate)."""
+    sharding: Literal["none", "fsdp"] = "none"
+    """Across processes: none (each process holds the whole model; gradients averaged as DDP does) or fsdp (PyTorch FSDP2: weights, gradients and optimizer state split over the processes by decoder block, gathered block by block in forward and backward; CPU (gloo) or CUDA)."""
     loss_chunk_tokens: int = 256
     """Tokens per chunk of the chunked cross-entropy: full-vocabulary logits exist for one chunk at a time."""
     eval_every: int = 0

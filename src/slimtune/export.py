@@ -12,11 +12,21 @@ What llama.cpp's own converter does for these architectures, done here the same 
   Q8_0 where the row length is a multiple of 32, f16 otherwise);
 * a byte-level BPE tokenizer goes in as ``tokenizer.ggml.model = gpt2``: every token by id, its
   type (control for special tokens, user-defined for other added ones), the merges, the
-  special token ids, whether BOS is added, and the chat template.
+  special token ids, whether BOS is added, and the chat template;
+* a SentencePiece-style tokenizer (BPE over characters with byte fallback: Gemma-3, Llama 2,
+  Mistral) goes in as ``tokenizer.ggml.model = llama``: tokens by id with types (byte tokens
+  ``<0xNN>`` as bytes, the unknown token, control and user-defined ones) and scores. llama.cpp
+  merges the adjacent pair whose joined token scores highest, so each token's score is minus
+  the rank of the first merge that makes it: llama.cpp then merges in the order the
+  tokenizer's merges list gives. Whether a space is prefixed follows the tokenizer's
+  normaliser; Gemma's runs of spaces are stored as spaces and typed user-defined (matched
+  whole), as Google's own Gemma GGUF files store them;
+* Gemma-3 stores its norms as ``w`` in ``x * (1 + w)``; GGUF readers expect ``1 + w`` (what
+  llama.cpp's converter writes and transformers' reader subtracts again); no q/k permutation;
+  head size, sliding window and the global layers' rotary base as llama.cpp names them.
 
-Supported: Llama (SmolLM2, Llama 3) and Qwen2 models with byte-level BPE tokenizers. Others are
-refused in one line (SentencePiece tokenizers, Gemma-3 and Mistral among them, are not written
-yet).
+Supported: Llama (SmolLM2, Llama 3, Llama 2), Mistral, Qwen2 and Gemma-3 text models. Others
+are refused in one line.
 """
 
 from __future__ import annotations
@@ -31,8 +41,10 @@ from torch import nn
 
 from .errors import SlimtuneError
 
-ARCHES = {"llama": "LLAMA", "qwen2": "QWEN2"}  # HF model_type -> gguf.MODEL_ARCH member
-PERMUTED = {"llama"}  # architectures whose q/k weights llama.cpp permutes
+# HF model_type -> gguf.MODEL_ARCH member (llama.cpp writes Mistral as a Llama)
+ARCHES = {"llama": "LLAMA", "mistral": "LLAMA", "qwen2": "QWEN2", "gemma3_text": "GEMMA3"}
+PERMUTED = {"llama", "mistral"}  # architectures whose q/k weights llama.cpp permutes
+ONE_PLUS_NORMS = {"gemma3_text"}  # RMSNorm computes x * (1 + w); GGUF stores 1 + w
 DTYPES = ("f32", "f16", "bf16", "q8_0")
 QK8_0 = 32  # elements per Q8_0 block
 
@@ -52,7 +64,7 @@ def pre_tokenizer_name(tok: Any) -> str:
 
     pre = json.loads(tok.backend_tokenizer.to_str()).get("pre_tokenizer") or {}
     if pre.get("type") == "ByteLevel":
-        return "gpt2"  # GPT-2's split (use_regex), or bytes alone: the GPT-2 default
+        return "gpt-2"  # llama.cpp's name of GPT-2's split (ByteLevel with use_regex)
     parts = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else []
     split = next((p for p in parts if p.get("type") == "Split"), None)
     if split is not None and any(p.get("type") == "ByteLevel" for p in parts):
@@ -66,15 +78,19 @@ def pre_tokenizer_name(tok: Any) -> str:
     )
 
 
-def tokenizer_fields(tok: Any, rows: int = 0) -> dict[str, Any]:
-    """Tokens, types, merges and special ids of a byte-level BPE tokenizer, padded with unused
-    ``[PADn]`` tokens to ``rows`` (the embedding's rows, which llama.cpp requires to match)."""
+def tokenizer_fields(tok: Any, rows: int = 0, arch: str = "") -> dict[str, Any]:
+    """What the GGUF stores of ``tok``: byte-level BPE (``gpt2``) or SentencePiece-style
+    (``llama``), padded with unused ``[PADn]`` tokens to ``rows`` (the embedding's rows, which
+    llama.cpp requires to match)."""
     spec = json.loads(tok.backend_tokenizer.to_str())
     model = spec.get("model", {})
-    if model.get("type") != "BPE" or (spec.get("decoder") or {}).get("type") != "ByteLevel":
+    byte_level = (spec.get("decoder") or {}).get("type") == "ByteLevel"
+    if model.get("type") != "BPE" or not (byte_level or model.get("byte_fallback")):
         raise SlimtuneError(
-            f"export: a {model.get('type', 'unknown')} tokenizer; only byte-level BPE "
-            "tokenizers (SmolLM2, Llama 3, Qwen2) can be exported so far"
+            f"export: a {model.get('type', 'unknown')} tokenizer"
+            f"{'' if model.get('type') != 'BPE' else ' without byte fallback'}; byte-level BPE "
+            "(SmolLM2, Llama 3, Qwen2) and SentencePiece-style BPE (Gemma-3, Llama 2, Mistral) "
+            "tokenizers can be exported"
         )
     vocab = tok.get_vocab()
     n = max(max(vocab.values()) + 1, rows)
@@ -82,17 +98,64 @@ def tokenizer_fields(tok: Any, rows: int = 0) -> dict[str, Any]:
     types = [5] * n  # UNUSED until a token claims the id
     for text, i in vocab.items():
         tokens[i], types[i] = text, 1  # NORMAL
-    for added in spec.get("added_tokens", []):
-        types[added["id"]] = 3 if added.get("special") else 4  # CONTROL / USER_DEFINED
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     ids = {name: getattr(tok, f"{name}_token_id", None) for name in ("bos", "eos", "unk", "pad")}
     probe = tok("a")["input_ids"]
-    add_bos = bool(probe) and tok.bos_token_id is not None and probe[0] == tok.bos_token_id
-    return {"tokens": tokens, "types": types, "merges": merges, "ids": ids, "add_bos": add_bos}
+    out: dict[str, Any] = {
+        "tokens": tokens,
+        "types": types,
+        "ids": ids,
+        "add_bos": bool(probe) and tok.bos_token_id is not None and probe[0] == tok.bos_token_id,
+        "add_eos": bool(probe) and tok.eos_token_id is not None and probe[-1] == tok.eos_token_id,
+    }
+    if byte_level:
+        out |= {"model": "gpt2", "pre": pre_tokenizer_name(tok), "merges": merges}
+    else:
+        out |= _sentencepiece(spec, tokens, types, merges, gemma=arch == "gemma3_text")
+    if ids["unk"] is not None and ids["unk"] < n:
+        types[ids["unk"]] = 2  # UNKNOWN
+    for added in spec.get("added_tokens", []):
+        types[added["id"]] = 3 if added.get("special") else 4  # CONTROL / USER_DEFINED
+    return out
+
+
+def _sentencepiece(
+    spec: dict[str, Any], tokens: list[str], types: list[int], merges: list[str], gemma: bool
+) -> dict[str, Any]:
+    """Scores (minus the rank of the first merge making each token), byte tokens, the space
+    prefix flag, Gemma's runs of spaces spelled as spaces."""
+    first: dict[str, int] = {}
+    for rank, m in enumerate(merges):
+        a, _, b = m.partition(" ")
+        first.setdefault(a + b, rank)
+    scores = [-float(first[t]) if t in first else 0.0 for t in tokens]
+    for i, t in enumerate(tokens):
+        if len(t) == 6 and t.startswith("<0x") and t.endswith(">"):
+            types[i] = 6  # BYTE
+        elif gemma and len(t) > 1 and set(t) == {"\u2581"}:
+            # Gemma's runs of spaces are user-defined pieces, matched whole (as its own files)
+            tokens[i], types[i] = " " * len(t), 4
+    prefix = _prefixes_space(spec.get("normalizer")) or _prefixes_space(spec.get("pre_tokenizer"))
+    return {"model": "llama", "pre": "default", "scores": scores, "add_space_prefix": prefix}
+
+
+def _prefixes_space(node: Any) -> bool:
+    """Whether a normaliser / pre-tokenizer (or a sequence of them) puts a space before the
+    text: a ``Prepend``, or a ``Metaspace`` whose scheme is not ``never``."""
+    if not isinstance(node, dict):
+        return False
+    if node.get("type") == "Prepend":
+        return True
+    if node.get("type") == "Metaspace":
+        return node.get("prepend_scheme", "always") != "never"
+    parts = node.get("normalizers") or node.get("pretokenizers") or []
+    return any(_prefixes_space(p) for p in parts)
 
 
 def rope_theta(config: Any) -> float:
+    """The rotary base (Gemma-3: of its global-attention layers, as llama.cpp stores it)."""
     params = getattr(config, "rope_parameters", None) or {}
+    params = params.get("full_attention", params)
     return float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
 
 
@@ -104,8 +167,19 @@ def check(model: nn.Module, dtype: str) -> str:
     if kind not in ARCHES:
         raise SlimtuneError(
             f"export: architecture {kind!r} is not exported to GGUF yet; supported: "
-            f"{', '.join(sorted(ARCHES))} (SmolLM2, Llama 3, Qwen2)"
+            f"{', '.join(sorted(ARCHES))} (SmolLM2, Llama 2 and 3, Mistral, Qwen2, Gemma-3)"
         )
+    if kind == "gemma3_text":
+        c = model.config
+        layout = [
+            "full_attention" if (i + 1) % 6 == 0 else "sliding_attention"
+            for i in range(c.num_hidden_layers)
+        ]
+        if list(getattr(c, "layer_types", layout)) != layout:
+            raise SlimtuneError(
+                "export: this Gemma-3's attention layout is not Gemma-3's (every sixth layer "
+                "global, the others sliding-window), which GGUF readers assume"
+            )
     return kind
 
 
@@ -129,8 +203,7 @@ def export_gguf(
     import gguf
 
     kind = check(model, dtype)
-    fields = tokenizer_fields(tok, model.get_input_embeddings().weight.shape[0])
-    pre = pre_tokenizer_name(tok)
+    fields = tokenizer_fields(tok, model.get_input_embeddings().weight.shape[0], kind)
     c = model.config
     arch = getattr(gguf.MODEL_ARCH, ARCHES[kind])
     heads, kv = c.num_attention_heads, getattr(c, "num_key_value_heads", c.num_attention_heads)
@@ -152,16 +225,25 @@ def export_gguf(
         writer.add_feed_forward_length(c.intermediate_size)
         writer.add_head_count(heads)
         writer.add_head_count_kv(kv)
-        writer.add_rope_dimension_count(head_dim)
+        if kind == "gemma3_text":
+            writer.add_key_length(head_dim)
+            writer.add_value_length(head_dim)
+            if getattr(c, "sliding_window", None):
+                writer.add_sliding_window(c.sliding_window)
+        else:
+            writer.add_rope_dimension_count(head_dim)
         writer.add_rope_freq_base(rope_theta(c))
         writer.add_layer_norm_rms_eps(c.rms_norm_eps)
         writer.add_vocab_size(len(fields["tokens"]))
         writer.add_file_type(ftype)
-        writer.add_tokenizer_model("gpt2")
-        writer.add_tokenizer_pre(pre)
+        writer.add_tokenizer_model(fields["model"])
+        writer.add_tokenizer_pre(fields["pre"])
         writer.add_token_list(fields["tokens"])
         writer.add_token_types(fields["types"])
-        if fields["merges"]:
+        if fields["model"] == "llama":
+            writer.add_token_scores(fields["scores"])
+            writer.add_add_space_prefix(fields["add_space_prefix"])
+        elif fields["merges"]:
             writer.add_token_merges(fields["merges"])
         else:  # a vocabulary of single bytes: readers derive (no) merges from scores
             writer.add_token_scores([0.0] * len(fields["tokens"]))
@@ -175,6 +257,7 @@ def export_gguf(
             if value is not None:
                 adders[key](value)
         writer.add_add_bos_token(fields["add_bos"])
+        writer.add_add_eos_token(fields["add_eos"])
         if tok.chat_template:
             writer.add_chat_template(tok.chat_template)
         tied = bool(getattr(c, "tie_word_embeddings", False))
@@ -190,6 +273,8 @@ def export_gguf(
                 data = permute(data, heads, heads)
             elif kind in PERMUTED and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
                 data = permute(data, heads, kv)
+            elif kind in ONE_PLUS_NORMS and hf_name.endswith("norm.weight"):
+                data = data + 1.0
             array, raw = tensor_data(data, dtype)
             writer.add_tensor(target, array, raw_dtype=raw)
             count += 1

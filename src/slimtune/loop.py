@@ -30,6 +30,7 @@ from .evaluate import evaluate
 from .interrupt import GracefulStop
 from .memory import fmt_bytes, peak_bytes, trim_heap
 from .methods.base import StepContext
+from .sharding import full_weights, is_sharded
 from .trackers import tracker_config, tracker_row
 
 
@@ -119,11 +120,19 @@ class Run:
             self.acc.log(tracker_row(row), step=row.get("step"))
 
     def evaluate(self, tag: str) -> dict[str, Any]:
-        if not self.p.splits.eval or not self.main:
+        # sharded weights are gathered from every process, so every process evaluates (the
+        # same examples, the same results); the main process alone otherwise
+        sharded = is_sharded(self.p.plain)
+        if not self.p.splits.eval or not (self.main or sharded):
             return {}
         t, p, tc = time.perf_counter(), self.p, self.tc
         data = (p.plain, p.tok, p.head, p.splits.eval, self.cfg.eval, tc.loss_chunk_tokens)
-        result = evaluate(*data, progress=tc.progress, desc=f"eval {tag}", objective=p.objective)
+        with full_weights(p.plain):
+            result = evaluate(
+                *data, progress=tc.progress, desc=f"eval {tag}", objective=p.objective
+            )
+        if not self.main:
+            return {}
         result["seconds"] = time.perf_counter() - t
         metrics = {k: v for k, v in result.items() if k != "samples"}
         self.log({"step": self.step, "eval": tag, **metrics})
@@ -313,11 +322,12 @@ class Run:
         )
         summary |= {"eval_before": self.eval_before, "eval_after": eval_after}
         summary["wall_seconds"] = time.perf_counter() - t_start
-        self.check_finite()
-        if self.main and self.local is None:
-            checkpoint.publish(
-                self.run_dir, lambda out: self.p.method.save(self.p.plain, self.p.tok, out)
-            )
+        with full_weights(self.p.plain):  # the artefact a single process writes, whole
+            self.check_finite()
+            if self.main and self.local is None:
+                checkpoint.publish(
+                    self.run_dir, lambda out: self.p.method.save(self.p.plain, self.p.tok, out)
+                )
         if self.main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
             self.metrics_file.close()

@@ -38,11 +38,16 @@ def fmt_bytes(n: float) -> str:
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes of the tensors an optimizer keeps per parameter (moments, bases, histories)."""
+    """Bytes of the tensors an optimizer keeps per parameter (moments, bases, histories), on
+    this process (under FSDP: its shards)."""
+    from torch.distributed.tensor import DTensor
+
     inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
     seen: dict[int, int] = {}  # by storage: bitsandbytes' 8-bit maps are shared by every tensor
     for state in inner.state.values():
         for t in state.values():
+            if isinstance(t, DTensor):
+                t = t.to_local()
             if isinstance(t, torch.Tensor):
                 seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
     return sum(seen.values())

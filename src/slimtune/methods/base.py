@@ -70,6 +70,12 @@ class ParamsMethod(Method):
         quantised base refuses it with); None where they stay as loaded."""
         return None if self.frozen_base else "trains or rewrites them"
 
+    def sharding_refusal(self) -> str | None:
+        """Why this configuration cannot train under ``train.sharding: fsdp`` (one clause for
+        the error line), or None where it can. Methods opt in once their sharded run is tested
+        to equal the single-process one (tests/test_sharding.py)."""
+        return "is not tested under sharding yet"
+
     def adapters_off_is_base(self) -> bool:
         """True where the prepared model with its adapters disabled (peft's ``disable_adapter``)
         computes the checkpoint the run loaded, unchanged: a preference objective's reference
@@ -210,6 +216,11 @@ class OptimizerMethod(Method, ABC):
     def check_device(self, device: str) -> None:
         """Refuse (one-line ``SlimtuneError``) a device kind ('cpu', 'cuda') it cannot run on."""
         return None
+
+    def sharding_refusal(self) -> str | None:
+        """Why this optimizer cannot step sharded weights (``train.sharding: fsdp``), or None
+        where it can (an elementwise update of each shard, as torch.optim's)."""
+        return "is not tested under sharding yet"
 
     def supports_objective(self, name: str) -> bool:
         """Whether this optimizer's step minimises objective ``name`` (the default step uses
@@ -384,7 +395,9 @@ def clip_or_measure(ctx: StepContext) -> float:
     """The global gradient norm before clipping; clipped to ``ctx.max_grad_norm`` when set.
     Measured with clipping off too: a non-finite gradient must never reach the weights."""
     params = [p for p in ctx.model.parameters() if p.requires_grad]
+    from ..sharding import whole  # under FSDP the norm is a distributed tensor
+
     if ctx.max_grad_norm > 0:
-        return float(ctx.accelerator.clip_grad_norm_(params, ctx.max_grad_norm))
+        return float(whole(ctx.accelerator.clip_grad_norm_(params, ctx.max_grad_norm)))
     grads = [p.grad for p in params if p.grad is not None]
-    return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+    return float(whole(torch.nn.utils.get_total_norm(grads))) if grads else 0.0

@@ -71,6 +71,11 @@ class AdamW(OptimizerMethod):
                 "paged=false (state_bits=8 works there)"
             )
 
+    def sharding_refusal(self) -> str | None:
+        if self.cfg.state_bits == 8 or self.cfg.paged:
+            return "with state_bits=8 or paged=true quantises whole tensors (bitsandbytes)"
+        return None  # torch's AdamW: elementwise, each process updates its shard
+
     def build(self, groups: list[dict[str, Any]], model: nn.Module) -> torch.optim.Optimizer:
         c = self.cfg
         options = dict(lr=c.lr, betas=tuple(c.betas), eps=c.eps, weight_decay=c.weight_decay)
@@ -114,6 +119,9 @@ class SGD(OptimizerMethod):
                 "always",
                 "momentum buffers",
             )
+
+    def sharding_refusal(self) -> str | None:
+        return None  # elementwise: each process updates its shard
 
     def build(self, groups: list[dict[str, Any]], model: nn.Module) -> torch.optim.Optimizer:
         c = self.cfg

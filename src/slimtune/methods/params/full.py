@@ -25,3 +25,6 @@ class Full(ParamsMethod):
     def prepare(self, model: nn.Module, ctx: PrepareContext) -> nn.Module:
         model.requires_grad_(True)
         return model
+
+    def sharding_refusal(self) -> str | None:
+        return None  # tests/test_sharding.py: equals one process

@@ -157,6 +157,15 @@ class Lora(ParamsMethod):
         # fits the adapter to a quantisation error (loftq): only B = 0 leaves W as loaded
         return self.cfg.init in ("default", "gaussian")
 
+    def sharding_refusal(self) -> str | None:
+        if self.cfg.ggpo:
+            return "with ggpo=true perturbs with whole momentum tensors"
+        if self.cfg.dora:
+            return "with dora=true is not tested under sharding yet"
+        if type(self) is not Lora:
+            return "is not tested under sharding yet"  # variants with their own hooks
+        return None  # tests/test_sharding.py: equals one process
+
     def base_change(self) -> str | None:
         init = self.cfg.init
         if init in CONVERTED_INITS:
