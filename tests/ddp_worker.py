@@ -56,10 +56,25 @@ def whole_trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         return trainable(model)
 
 
+class Killed(Exception):
+    """Raised from the step callback: a run killed after a step (SLIMTUNE_TEST_KILL_AT)."""
+
+
 def main(recipe_path: str, out_dir: str) -> None:
     cfg = config.from_dict(json.loads(Path(recipe_path).read_text()))
+    kill_at = int(os.environ.get("SLIMTUNE_TEST_KILL_AT", "0"))
+
+    def on_step(step, model, row):
+        if kill_at and step == kill_at:
+            raise Killed
+
     with recording_batches() as seen:
-        result = loop.train(cfg)
+        try:
+            result = loop.train(cfg, on_step=on_step)
+        except Killed:
+            rank = dist.get_rank() if dist.is_initialized() else 0
+            torch.save({"killed": True}, Path(out_dir) / f"rank{rank}.pt")
+            return
     record = {
         "dist_initialized": dist.is_available() and dist.is_initialized(),
         "dist_rank": dist.get_rank() if dist.is_initialized() else -1,

@@ -109,6 +109,38 @@ def test_full_adamw_arithmetic_by_hand():
     assert b.peak == b.total("always") + max(b.phases.values())
 
 
+def test_fsdp_prices_one_process_share_and_what_it_gathers():
+    """train.sharding: fsdp over 2 processes (sharding.py's units: a block each, the rest the
+    root): half the weights, optimizer state and step gradients; the root unit's other half,
+    two blocks' other halves (one computing, one prefetched) and one block's whole gradients
+    while it waits for its reduce-scatter."""
+    one = estimate(TINY, "full", "adamw", W)
+    two = estimate(TINY, "full", "adamw", replace(W, sharding="fsdp", processes=2))
+    a, b = terms(one), terms(two)
+    n = TINY.total_params
+    assert b["weights"] == a["weights"] / 2 and b["optimizer state"] == a["optimizer state"] / 2
+    assert terms(two, "step")["gradients"] == terms(one, "step")["gradients"] / 2
+    root = 4 * (256 * 64 + 64)  # tied embedding/head and the final norm
+    block = 4 * (n - 256 * 64 - 64) // 2
+    assert b["gathered weights"] == root / 2 + 2 * block / 2
+    assert b["unsharded gradients"] == block  # the head's are priced by the loss terms
+    assert a["activations"] == b["activations"]  # the same micro-batch per process
+    assert "one of 2 processes under train.sharding: fsdp" in two.notes
+    # one process: the same as no sharding, but the notes
+    same = estimate(TINY, "full", "adamw", replace(W, sharding="fsdp", processes=1))
+    assert same.peak == one.peak
+
+
+def test_budget_with_fsdp_finds_the_fewest_processes():
+    shape = load_shape("llama-2-7b")
+    work = Workload(seq=1024, batch=1, weights="bf16", device="cuda", sharding="fsdp")
+    (r,) = rank(shape, work, 24 * GB, [("full", "adamw")], False, "", True)
+    assert r.fits and r.breakdown.peak <= 24 * GB
+    n = r.breakdown.work.processes
+    fewer = estimate(shape, "full", "adamw", replace(work, processes=n // 2))
+    assert n > 1 and fewer.peak > 24 * GB
+
+
 def test_checkpointing_keeps_block_inputs_and_one_block():
     full = estimate(TINY, "full", "adamw", W)
     ck = estimate(TINY, "full", "adamw", replace(W, checkpointing=True))

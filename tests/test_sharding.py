@@ -102,7 +102,7 @@ def test_fsdp_two_processes_equal_one_process(tmp_path, text_data, params, optim
             "state_bits=8 or paged=true quantises whole tensors",
         ),
         ({"params": {"name": "lora", "ggpo": True}}, "ggpo=true perturbs with whole momentum"),
-        ({"train": {"save_every": 2}}, "train.save_every (sharded checkpoints) is not tested"),
+        ({"train": {"gradient_checkpointing": True}}, "gradient_checkpointing is not tested"),
         ({"base": "nf4", "params": {"name": "lora"}}, "FSDP cannot split"),
     ],
 )
@@ -122,3 +122,54 @@ def test_unsupported_combinations_are_refused_in_one_line(
     err = capsys.readouterr().err
     assert message in err and "train.sharding: none" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_fsdp_kill_and_resume_is_exact(tmp_path, text_data, monkeypatch, capsys):
+    """2 processes with FSDP, a checkpoint every 2 steps, killed after step 2, resumed: the
+    same weights, bit for bit, as the uninterrupted 2-process run (the trainable tensors come
+    back whole and are sharded again, each process's optimizer shards from its own file).
+    A checkpoint written sharded refuses to resume without sharding, in one line."""
+    sections = {
+        "data": {"format": "text", "eval_size": 0},
+        "params": {"name": "full"},
+        "optimizer": {"name": "adamw", "lr": 1e-2},
+    }
+    train_cfg = {"steps": 4, "batch_size": 2, "progress": False, "sharding": "fsdp"}
+    for d in "abc":
+        (tmp_path / d).mkdir()
+    straight = launch(
+        tiny_recipe(text_data, tmp_path / "straight", train=train_cfg, **sections),
+        tmp_path / "a",
+    )
+    resumable = tiny_recipe(
+        text_data, tmp_path / "killed", train={**train_cfg, "save_every": 2}, **sections
+    )
+    monkeypatch.setenv("SLIMTUNE_TEST_KILL_AT", "2")
+    killed = launch(resumable, tmp_path / "b")
+    assert all(r.get("killed") for r in killed)
+    ckpts = sorted((tmp_path / "killed" / "checkpoints").glob("step-*"))
+    assert [p.name for p in ckpts] == ["step-0000002"]
+    files = sorted(p.name for p in ckpts[0].iterdir())
+    assert "optimizer-rank0.pt" in files and "optimizer-rank1.pt" in files
+    assert "optimizer.pt" not in files
+    monkeypatch.delenv("SLIMTUNE_TEST_KILL_AT")
+    resumed = launch({**resumable, "resume": True}, tmp_path / "c")
+    for a, b in zip(straight, resumed):
+        assert a["summary"]["train_loss"] == b["summary"]["train_loss"]
+        assert a["weights"].keys() == b["weights"].keys()
+        for name in a["weights"]:
+            assert torch.equal(a["weights"][name], b["weights"][name]), name
+    # the sharded checkpoint cannot resume in one unsharded process
+    plain = {
+        **resumable,
+        "resume": True,
+        "resume_changes": ["train.sharding"],
+        "train": {**resumable["train"], "sharding": "none"},
+    }
+    path = tmp_path / "plain.json"
+    path.write_text(json.dumps(plain))
+    # the run directory holds a finished run now; the refusal comes before it is touched
+    assert main(["train", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "holds sharded optimizer state" in err and len(err.strip().splitlines()) == 1

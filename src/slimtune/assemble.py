@@ -246,7 +246,6 @@ def _check_sharding(
             f"FSDP cannot split; {instead}"
         )
     unsupported = {
-        "train.save_every (sharded checkpoints)": cfg.train.save_every > 0 or cfg.resume,
         "objective": cfg.objective.name != "causal-lm",
         "train.gradient_checkpointing": cfg.train.gradient_checkpointing,
         "train.mixed_precision": cfg.train.mixed_precision != "no",

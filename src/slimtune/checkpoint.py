@@ -75,11 +75,14 @@ def save(
     step: int,
     *,
     save_trainable,
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | None,
     scheduler: Any,
     state: dict[str, Any],
     keep: int,
+    shards: Path | None = None,
 ) -> Path:
+    """``optimizer`` None and ``shards`` a directory: a sharded run, whose processes each wrote
+    their optimizer state there (``optimizer-rank{N}.pt``); the files move into the checkpoint."""
     final = ckpt_root / f"{PREFIX}{step:07d}"
     try:
         tmp = atomic_dir(final)
@@ -87,7 +90,12 @@ def save(
         raise _write_error(final, e) from None
     try:
         save_trainable(tmp / "trainable.safetensors")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        if optimizer is not None:
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        if shards is not None:
+            for f in sorted(shards.glob("optimizer-rank*.pt")):
+                os.replace(f, tmp / f.name)
+            shutil.rmtree(shards, ignore_errors=True)
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(rng_state(), tmp / "rng.pt")
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
@@ -128,9 +136,17 @@ def read_state(ckpt: Path) -> dict[str, Any]:
 STATE_KEYS = ("step", "position", "tokens", "train_seconds")
 
 
-def restore(ckpt: Path, *, load_trainable, optimizer: Any, scheduler: Any) -> dict[str, Any]:
+def restore(
+    ckpt: Path,
+    *,
+    load_trainable,
+    optimizer: Any,
+    scheduler: Any,
+    shard: tuple[int, int] | None = None,
+) -> dict[str, Any]:
     """Load a checkpoint into the run; returns its ``state.json``. A damaged or foreign file
-    (truncated, corrupted, a pickle that is more than tensors) is one clear error naming it."""
+    (truncated, corrupted, a pickle that is more than tensors) is one clear error naming it.
+    ``shard`` (rank, world) of a sharded run: this process's optimizer state file."""
 
     def bad(name: str, why: str) -> SlimtuneError:
         return SlimtuneError(
@@ -147,9 +163,30 @@ def restore(ckpt: Path, *, load_trainable, optimizer: Any, scheduler: Any) -> di
         for k in STATE_KEYS
     ):
         raise bad("state.json", f"expected numbers {', '.join(STATE_KEYS)}")
+    optim: tuple[str, Any] = ("optimizer.pt", lambda p: optimizer.load_state_dict(load_file(p)))
+    if shard is not None:
+        from .sharding import load_local_optimizer_state
+
+        rank, world = shard
+        written = len(list(ckpt.glob("optimizer-rank*.pt")))
+        if written != world:
+            what = f"{written} processes" if written else "one process, unsharded"
+            raise SlimtuneError(
+                f"resume: checkpoint {str(ckpt)!r} was written by {what}; resume a sharded run "
+                f"with as many processes as wrote it ({world} now)"
+            )
+        optim = (
+            f"optimizer-rank{rank}.pt",
+            lambda p: load_local_optimizer_state(optimizer, load_file(p)),
+        )
+    elif (ckpt / "optimizer-rank0.pt").is_file():
+        raise SlimtuneError(
+            f"resume: checkpoint {str(ckpt)!r} holds sharded optimizer state "
+            "(train.sharding: fsdp); resume with the same train.sharding and processes"
+        )
     steps = [
         ("trainable.safetensors", lambda p: load_trainable(p)),
-        ("optimizer.pt", lambda p: optimizer.load_state_dict(load_file(p))),
+        optim,
         ("scheduler.pt", lambda p: scheduler.load_state_dict(load_file(p))),
         ("rng.pt", lambda p: set_rng_state(load_file(p))),
     ]
@@ -216,11 +253,19 @@ def resume(parts: Any, cfg: Any) -> tuple[dict[str, Any], dict[str, list[Any]]]:
     # The freshly built hyperparameters, before the checkpoint's replace them.
     opt = parts.optimizer
     fresh = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+    from .sharding import is_sharded
+
+    shard = None
+    if is_sharded(parts.plain):
+        import torch.distributed as dist
+
+        shard = (dist.get_rank(), dist.get_world_size())
     state = restore(
         last,
         load_trainable=lambda p: parts.method.load_trainable(parts.plain, p),
         optimizer=opt,
         scheduler=parts.scheduler,
+        shard=shard,
     )
     if any(k.startswith("optimizer.") for k in changes):
         apply_hyperparameters(opt, parts.scheduler, fresh)

@@ -496,7 +496,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
         loss_chunk=args.loss_chunk,
         attention=args.attention,
         checkpointing=args.checkpointing or None,
+        processes=args.processes,
+        sharding=args.sharding,
     )
+    if args.processes is not None and args.processes < 1:
+        raise SlimtuneError(f"--processes must be >= 1, got {args.processes}")
     model = args.model or (cfg.model.name if cfg is not None else "smollm2-135m")
     shape = shape_for(model)
     pairs = [split_method(m) for spec in args.method for m in spec.split(",") if m]
@@ -505,7 +509,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         budget = parse_size(args.budget)
         if mine is not None:  # the recipe, then every other candidate on the recipe's workload
             pairs = with_candidates(mine)
-        ranked = rank(shape, work, budget, pairs or None, not args.checkpointing, model)
+        search = work.sharding == "fsdp" and args.processes is None
+        ranked = rank(shape, work, budget, pairs or None, not args.checkpointing, model, search)
         print(format_ranking(ranked, model, work, budget, mine))
         return 0 if any(r.fits for r in ranked) else 1
     out = []
@@ -706,6 +711,13 @@ def _add_plan(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     pl.add_argument("--loss-chunk", type=int, help="tokens per loss chunk (0: full logits)")
     pl.add_argument("--attention", choices=["sdpa", "eager"])
     pl.add_argument("--device", choices=["cpu", "cuda"])
+    pl.add_argument(
+        "--processes",
+        type=int,
+        help="processes (GPUs) of the run; with --sharding fsdp the "
+        "plan prices one of them (with --budget and no --processes: the fewest that fit)",
+    )
+    pl.add_argument("--sharding", choices=["none", "fsdp"], help="train.sharding")
     pl.add_argument("--runtime", help="framework overhead to add (default 0.55GB cpu, 0.75GB cuda)")
     pl.add_argument("--budget", help="rank every method that fits, e.g. 24GB")
     pl.add_argument("--json", action="store_true", help="print the breakdown as JSON")

@@ -127,7 +127,7 @@ class Run:
             return {}
         t, p, tc = time.perf_counter(), self.p, self.tc
         data = (p.plain, p.tok, p.head, p.splits.eval, self.cfg.eval, tc.loss_chunk_tokens)
-        with full_weights(p.plain):
+        with full_weights(p.plain, blocks=False):
             result = evaluate(
                 *data, progress=tc.progress, desc=f"eval {tag}", objective=p.objective
             )
@@ -280,23 +280,38 @@ class Run:
         )
 
     def save(self) -> None:
-        """A resumable checkpoint of this step (never one with a non-finite weight)."""
-        self.check_finite()
-        if self.main:
-            checkpoint.save(
-                self.ckpt_root,
-                self.step,
-                save_trainable=lambda p: self.p.method.save_trainable(self.p.plain, p),
-                optimizer=self.p.optimizer,
-                scheduler=self.p.scheduler,
-                state={
-                    "step": self.step,
-                    "position": self.p.batches.position,
-                    "tokens": self.tokens_seen,
-                    "train_seconds": self.train_seconds,
-                },
-                keep=self.tc.keep_checkpoints,
-            )
+        """A resumable checkpoint of this step (never one with a non-finite weight). Sharded:
+        the trainable tensors whole (as one process writes them), each process's optimizer
+        state (its shards) in a file of its own."""
+        sharded = is_sharded(self.p.plain)
+        shards = self.ckpt_root / f".shards-{self.step:07d}" if sharded else None
+        if shards is not None:
+            from .sharding import local_optimizer_state
+
+            if self.main:
+                shards.mkdir(parents=True, exist_ok=True)
+            self.acc.wait_for_everyone()
+            state = local_optimizer_state(self.p.optimizer)
+            torch.save(state, shards / f"optimizer-rank{self.acc.process_index}.pt")
+            self.acc.wait_for_everyone()
+        with full_weights(self.p.plain):
+            self.check_finite()
+            if self.main:
+                checkpoint.save(
+                    self.ckpt_root,
+                    self.step,
+                    save_trainable=lambda p: self.p.method.save_trainable(self.p.plain, p),
+                    optimizer=None if sharded else self.p.optimizer,
+                    scheduler=self.p.scheduler,
+                    state={
+                        "step": self.step,
+                        "position": self.p.batches.position,
+                        "tokens": self.tokens_seen,
+                        "train_seconds": self.train_seconds,
+                    },
+                    keep=self.tc.keep_checkpoints,
+                    shards=shards,
+                )
         self.acc.wait_for_everyone()
 
     def stop(self, saved: bool) -> None:

@@ -12,8 +12,8 @@ processes; accelerate still launches the processes and wraps the optimizer.
 What the loop does differently under sharding (all of it here):
 
 - the model is not wrapped in DDP (FSDP synchronises gradients itself);
-- evaluation runs on every process (each forward gathers weights from all), the main process
-  logs it;
+- evaluation runs on every process (each block's forward gathers its weights from all, the
+  root unit is gathered for the whole evaluation), the main process logs it;
 - where the loop needs whole tensors (the finite check, the final artefact), ``full_weights``
   gathers every unit's weights for the duration of a ``with`` block; the artefact is then the
   same PEFT adapter / HF checkpoint a single process writes;
@@ -65,14 +65,17 @@ def units(model: nn.Module) -> list[nn.Module]:
 
 
 @contextmanager
-def full_weights(model: nn.Module) -> Iterator[None]:
+def full_weights(model: nn.Module, blocks: bool = True) -> Iterator[None]:
     """Every process holds the whole weights (as plain tensors, registered on the modules)
-    inside the block; sharded again after. A no-op for a model that is not sharded. Every
-    process must enter it (the gathers are collective)."""
+    inside the block; sharded again after. ``blocks=False``: only the root unit's (embeddings,
+    final norm, head: what the loss and the evaluation use outside the model's forward), the
+    decoder blocks staying sharded and gathered one at a time by their forwards (evaluation).
+    A no-op for a model that is not sharded. Every process must enter it (the gathers are
+    collective)."""
     if not is_sharded(model):
         yield
         return
-    parts = units(model)
+    parts = units(model) if blocks else [model]
     groups = [g for g in (_group(m) for m in parts) if g is not None]
     for m in parts:  # forwards inside the block (evaluation) must not shard them again
         m.set_reshard_after_forward(False, recurse=False)
@@ -110,3 +113,45 @@ def whole(value: Any) -> Any:
     from torch.distributed.tensor import DTensor
 
     return value.full_tensor() if isinstance(value, DTensor) else value
+
+
+def like(param: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``value`` (a whole tensor, the same on every process) laid out as ``param``: its shard
+    where ``param`` is sharded (every process must call it, in the same order)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(param, DTensor) and not isinstance(value, DTensor):
+        value = value.to(device=param.device, dtype=param.dtype)
+        return distribute_tensor(value, param.device_mesh, param.placements)
+    return value
+
+
+def local_optimizer_state(optimizer: Any) -> dict[str, Any]:
+    """This process's optimizer state as plain tensors (its shards of the moments), for a
+    ``torch.save`` file that ``weights_only`` loading reads."""
+    from torch.distributed.tensor import DTensor
+
+    sd = optimizer.state_dict()
+    state = {
+        k: {n: v.to_local() if isinstance(v, DTensor) else v for n, v in s.items()}
+        for k, s in sd["state"].items()
+    }
+    return {"state": state, "param_groups": sd["param_groups"]}
+
+
+def load_local_optimizer_state(optimizer: Any, sd: dict[str, Any]) -> None:
+    """``local_optimizer_state``'s file back into ``optimizer``: each shard wrapped again as
+    its parameter's distributed tensor."""
+    from torch.distributed.tensor import DTensor
+
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    state = {}
+    for k, s in sd["state"].items():
+        p = params[int(k)]
+        state[k] = {
+            n: DTensor.from_local(v, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
+            if isinstance(p, DTensor) and isinstance(v, torch.Tensor) and v.dim() > 0
+            else v
+            for n, v in s.items()
+        }
+    optimizer.load_state_dict({"state": state, "param_groups": sd["param_groups"]})

@@ -129,9 +129,11 @@ class ParamsMethod(Method):
         missing = [n for n, p in params.items() if p.requires_grad and n not in state]
         if missing:
             raise ValueError(f"checkpoint lacks trainable tensors, e.g. {missing[:3]}")
+        from ..sharding import like  # a sharded parameter takes its shard of the tensor
+
         with torch.no_grad():
             for n, t in state.items():
-                params[n].copy_(t)
+                params[n].copy_(like(params[n], t))
 
     def save_trainable(self, model: nn.Module, path: Path) -> None:
         state = {n: t.contiguous().cpu() for n, t in self.trainable_state(model).items()}

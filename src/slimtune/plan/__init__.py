@@ -165,14 +165,26 @@ def rank(
     pairs: list[tuple[Any, Any]] | None = None,
     allow_checkpointing: bool = True,
     name: str = "",
+    fewest_processes: bool = False,
 ) -> list[Ranked]:
     """Every pair priced under ``work``; where it does not fit and ``allow_checkpointing``, again
     with activation checkpointing. Fitting ones first, by trainable parameters (largest first),
-    then the rest by peak."""
+    then the rest by peak. ``fewest_processes`` (sharded work): each pair on the fewest
+    processes (1, 2, 4, ... 1024) whose share fits, before checkpointing is tried."""
     out = []
     for p, o in pairs or candidates():
         try:
             b = plan(shape, method("params", p), method("optimizer", o), work, name)
+            n = 1
+            while fewest_processes and b.peak > budget and n < 1024:
+                n *= 2
+                b = plan(
+                    shape,
+                    method("params", p),
+                    method("optimizer", o),
+                    replace(work, processes=n),
+                    name,
+                )
         except SlimtuneError:
             continue  # a combination the methods refuse (e.g. nothing to train)
         ckpt = work.checkpointing
@@ -181,7 +193,7 @@ def rank(
                 shape,
                 method("params", p),
                 method("optimizer", o),
-                replace(work, checkpointing=True),
+                replace(b.work, checkpointing=True),
                 name,
             )
             if b2.peak < b.peak:
@@ -237,6 +249,8 @@ def format_ranking(
         b = r.breakdown
         mark = "yes" if r.fits else "no"
         notes = ["checkpointing"] if r.checkpointing and not work.checkpointing else []
+        if b.work.sharding == "fsdp":
+            notes.append(f"per process, {b.work.processes} processes")
         if mine is not None and r.params is mine[0]:
             name = f"{mine[0]['name']} + {mine[1]['name']}"
             notes.append("your recipe")

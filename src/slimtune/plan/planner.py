@@ -133,6 +133,10 @@ class Workload:
     # per chunk in backward; ``reference`` 'copy' holds a second set of the weights
     pairs: bool = False
     reference: str = ""
+    # train.sharding: fsdp over ``processes``: the plan prices one process (its shares of the
+    # weights, gradients and optimizer state, and the weights it gathers to compute)
+    processes: int = 1
+    sharding: Literal["none", "fsdp"] = "none"
 
     @property
     def tokens(self) -> int:
@@ -451,6 +455,8 @@ class Plan:
         else:
             terms += self._forward_only_terms(tokens * self.batch_factor, mask)
         terms += self.extra
+        if w.sharding == "fsdp":
+            terms = self._sharded(terms)
         if self.quantised:
             # the quantised kernels dequantise a whole weight before each product
             widest = max(s.numel for s in self.linears())
@@ -461,6 +467,8 @@ class Plan:
         kept, allocator = self._allocator_terms(terms)
         terms += kept
         notes = [*self.notes, *allocator]
+        if w.sharding == "fsdp":
+            notes.append(f"one of {w.processes} processes under train.sharding: fsdp")
         return Breakdown(
             model=names[0],
             params=names[1],
@@ -472,6 +480,44 @@ class Plan:
             notes=notes,
             flops_per_token=self.flops_per_token(),
         )
+
+    def _sharded(self, terms: list[Term]) -> list[Term]:
+        """One process of ``processes`` under FSDP2 (sharding.py: a unit per decoder block, the
+        rest of the model the root unit): it keeps 1/N of the weights, adapters, optimizer
+        state and the gradients that last until the step; to compute it gathers the root unit
+        whole for the step's forward and backward, and one block at a time plus the next one
+        (FSDP prefetches it); a block's gradients exist whole until their reduce-scatter."""
+        n = max(self.work.processes, 1)
+        shared = {"weights", "adapters", "reference copy", "optimizer state"}
+        out = []
+        for t in terms:
+            # the optimizer's step works on this process's shards (its temporaries too)
+            per_shard = t.phase == "step" and t.name in ("gradients", "temporaries")
+            if t.name in shared or per_shard:
+                t = Term(t.name, t.bytes / n, t.phase, f"{t.note}; 1/{n} on each process")
+            out.append(t)
+        if n == 1:
+            return out
+        tensors = [*self.base, *self.new]
+        root = sum(s.nbytes for s in tensors if s.layer is None)
+        blocks = [sum(s.nbytes for s in tensors if s.layer == i) for i in range(self.shape.layers)]
+        biggest = max(blocks, default=0.0)
+        gathered = root * (1 - 1 / n) + min(2, len(blocks)) * biggest * (1 - 1 / n)
+        out.append(
+            Term("gathered weights", gathered, "backward", "root unit, one block and the next")
+        )
+        if self.grads == "all":
+            trained = [*self.trainable, *self.new]
+            grads = [sum(s.nbytes for s in trained if s.layer == i) for i in range(len(blocks))]
+            # the root's (a trained head's is priced whole by the loss terms already)
+            root_grad = (
+                0.0 if self.head_trains() else sum(s.nbytes for s in trained if s.layer is None)
+            )
+            whole = max(grads, default=0.0) + root_grad
+            out.append(
+                Term("unsharded gradients", whole, "backward", "a block's, before reduce-scatter")
+            )
+        return out
 
     def _allocator_terms(self, terms: list[Term]) -> tuple[list[Term], list[str]]:
         """CPU without train.trim_memory: what glibc keeps resident beyond live memory.
@@ -673,6 +719,7 @@ def workload_of(cfg: Any, **fields: Any) -> Workload:
         grad_accum=tc.grad_accum,
         trim_memory=tc.trim_memory,
         padded=not cfg.data.packing,
+        sharding=tc.sharding,
     )
     from .. import registry
 
