@@ -62,6 +62,7 @@ def recipe(method: str, processes: int, args: argparse.Namespace, out: Path) -> 
             "progress": False,
             "eval_before": False,
             "sharding": "fsdp" if processes > 1 else "none",
+            "trim_memory": args.trim,
         },
         "output_dir": str(out),
     }
@@ -139,6 +140,9 @@ def main() -> int:
     p.add_argument("--seq", type=int, default=128, help="data.max_seq_len (and the planned seq)")
     p.add_argument("--threads", type=int, default=2, help="cores shared by the processes")
     p.add_argument("--timeout", type=int, default=900)
+    p.add_argument(
+        "--trim", action="store_true", help="train.trim_memory (heap trimmed after each block)"
+    )
     p.add_argument("--out")
     args = p.parse_args()
     if args.worker:
@@ -148,7 +152,7 @@ def main() -> int:
         "Peak RSS per process, SmolLM2-135M fp32 on the CPU, "
         f"{args.steps} steps of {args.batch} x {args.seq} tokens per process, "
         "1 process without sharding, N processes with train.sharding: fsdp (gloo); "
-        "each row a fresh launch.",
+        f"train.trim_memory {'true' if args.trim else 'false'}; each row a fresh launch.",
         "",
         "| method | processes | peak RSS per process (GB) | planned per process (GB) | ratio |",
         "| --- | --- | --- | --- | --- |",

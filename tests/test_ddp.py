@@ -39,7 +39,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(recipe: dict, tmp_path: Path, processes: int = 2) -> list[dict]:
+def launch(
+    recipe: dict, tmp_path: Path, processes: int = 2, config_file: Path | None = None
+) -> list[dict]:
+    """Run tests/ddp_worker.py on ``processes`` CPU processes (gloo) with ``accelerate launch``
+    (``config_file``: an accelerate config the flags below override); each rank's record."""
     recipe_file = tmp_path / "recipe.json"
     recipe_file.write_text(json.dumps(recipe))
     out = tmp_path / "ranks"
@@ -63,6 +67,7 @@ def launch(recipe: dict, tmp_path: Path, processes: int = 2) -> list[dict]:
     cmd = [
         str(ACCELERATE),
         "launch",
+        *(["--config_file", str(config_file)] if config_file else []),
         "--multi_gpu",
         f"--num_processes={processes}",
         "--num_machines=1",

@@ -123,8 +123,13 @@ def test_fsdp_prices_one_process_share_and_what_it_gathers():
     root = 4 * (256 * 64 + 64)  # tied embedding/head and the final norm
     block = 4 * (n - 256 * 64 - 64) // 2
     assert b["gathered weights"] == root / 2 + 2 * block / 2
-    assert b["unsharded gradients"] == block  # the head's are priced by the loss terms
+    # a block's whole (the head's are priced by the loss terms) and the reduce-scatter's input
+    # and output buffers of the largest unit (a block here: the tiny vocabulary's root is less)
+    assert block > root
+    assert b["unsharded gradients"] == block + block * (1 + 1 / 2)
     assert a["activations"] == b["activations"]  # the same micro-batch per process
+    # on the CPU every process first loads the whole model (its other half before sharding)
+    assert terms(two, "load") == {"whole model at load": a["weights"] / 2}
     assert "one of 2 processes under train.sharding: fsdp" in two.notes
     # one process: the same as no sharding, but the notes
     same = estimate(TINY, "full", "adamw", replace(W, sharding="fsdp", processes=1))

@@ -249,7 +249,6 @@ def _check_sharding(
         "objective": cfg.objective.name != "causal-lm",
         "train.gradient_checkpointing": cfg.train.gradient_checkpointing,
         "train.mixed_precision": cfg.train.mixed_precision != "no",
-        "train.trim_memory": cfg.train.trim_memory,
     }
     for key, on in unsupported.items():
         if on:

@@ -49,7 +49,8 @@ def shard(model: nn.Module, device: torch.device, world: int) -> nn.Module:
 
     from .methods.shared import decoder_layers
 
-    model.to(device)
+    # no model.to(device) first: fully_shard moves each unit's tensors to the mesh's device as
+    # it shards them, so a GPU never holds more than the shards and one unit whole
     mesh = init_device_mesh(device.type, (world,))
     _, blocks = decoder_layers(model)
     for block in blocks:

@@ -195,7 +195,8 @@ class Breakdown:
 
     @property
     def phases(self) -> dict[str, float]:
-        return {p: self.total(p) for p in ("forward", "backward", "step")}
+        # "load": a sharded CPU run, before its model is sharded
+        return {p: self.total(p) for p in ("forward", "backward", "step", "load")}
 
     @property
     def peak_phase(self) -> str:
@@ -498,6 +499,11 @@ class Plan:
             out.append(t)
         if n == 1:
             return out
+        if self.work.device == "cpu":
+            # every process loads the whole model, then shards it (the load is in host memory
+            # on a GPU machine, where fully_shard moves one unit at a time to the device)
+            whole = sum(t.bytes for t in terms if t.name in ("weights", "adapters"))
+            out.append(Term("whole model at load", whole * (1 - 1 / n), "load", "before sharding"))
         tensors = [*self.base, *self.new]
         root = sum(s.nbytes for s in tensors if s.layer is None)
         blocks = [sum(s.nbytes for s in tensors if s.layer == i) for i in range(self.shape.layers)]
@@ -509,13 +515,19 @@ class Plan:
         if self.grads == "all":
             trained = [*self.trainable, *self.new]
             grads = [sum(s.nbytes for s in trained if s.layer == i) for i in range(len(blocks))]
-            # the root's (a trained head's is priced whole by the loss terms already)
-            root_grad = (
-                0.0 if self.head_trains() else sum(s.nbytes for s in trained if s.layer is None)
-            )
-            whole = max(grads, default=0.0) + root_grad
+            root_grad = sum(s.nbytes for s in trained if s.layer is None)
+            # a block's gradients whole, and the root's (a trained head's are priced whole by
+            # the loss terms already); the reduce-scatter copies the largest unit's into its
+            # input buffer and writes 1/N of it out
+            own = max(grads, default=0.0) + (0.0 if self.head_trains() else root_grad)
+            buffer = max(*grads, root_grad) * (1 + 1 / n) if grads else 0.0
             out.append(
-                Term("unsharded gradients", whole, "backward", "a block's, before reduce-scatter")
+                Term(
+                    "unsharded gradients",
+                    own + buffer,
+                    "backward",
+                    "a unit's, and the reduce-scatter's buffers",
+                )
             )
         return out
 
