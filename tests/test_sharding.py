@@ -98,8 +98,10 @@ def test_fsdp_two_processes_equal_one_process(tmp_path, text_data, params, optim
 @pytest.mark.parametrize(
     "change,message",
     [
-        ({"params": {"name": "lisa", "layers": 1}}, "params: lisa is not tested under sharding"),
-        ({"optimizer": {"name": "mezo"}}, "optimizer: mezo is not tested under sharding"),
+        ({"params": {"name": "lisa", "layers": 1}}, "params: lisa changes which blocks train"),
+        ({"optimizer": {"name": "mezo"}}, "optimizer: mezo perturbs whole weight tensors"),
+        ({"optimizer": {"name": "galore"}}, "optimizer: galore projects each gradient matrix"),
+        ({"params": {"name": "hft"}}, "params: hft selects and masks parts of whole tensors"),
         (
             {"optimizer": {"name": "adamw", "state_bits": 8}},
             "state_bits=8 or paged=true quantises whole tensors",

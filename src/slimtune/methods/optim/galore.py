@@ -578,6 +578,12 @@ class GaLore(OptimizerMethod):
         """Optimizer keyword arguments a subclass method adds."""
         return {}
 
+    def sharding_refusal(self) -> str | None:
+        return (
+            "projects each gradient matrix on a basis taken from the whole matrix (its SVD), "
+            "and FSDP gives each process a slice of it"
+        )
+
     def check(self, train: Any, world: int) -> None:
         if not self.cfg.layerwise:
             return

@@ -35,6 +35,9 @@ class HalfFineTuning(ParamsMethod):
             if self.reselect_every < 0:
                 raise ValueError(f"reselect_every must be >= 0, got {self.reselect_every}")
 
+    def sharding_refusal(self) -> str | None:
+        return "selects and masks parts of whole tensors, which FSDP splits over processes"
+
     def memory(self, plan: Any) -> None:
         """Half of each block's attention matrices and, on average, half of its FFN matrices
         train; priced with the expected half (the draw is random): alternating blocks train

@@ -47,6 +47,12 @@ class Lisa(ParamsMethod):
             if self.interval < 1:
                 raise ValueError(f"interval must be >= 1, got {self.interval}")
 
+    def sharding_refusal(self) -> str | None:
+        return (
+            "changes which blocks train every few steps, and its optimizer state with them; "
+            "FSDP fixes each process's shards and their state at the start"
+        )
+
     def memory(self, plan: Any) -> None:
         """Embedding and head plus ``layers`` blocks train at any time (the optimizer state of
         blocks that leave is dropped); which blocks does not change the sum, and backward

@@ -91,6 +91,9 @@ class S2FT(ParamsMethod):
                 if not 0 < getattr(self, name) <= 1:
                     raise ValueError(f"{name} must be in (0, 1], got {getattr(self, name)}")
 
+    def sharding_refusal(self) -> str | None:
+        return "selects and masks parts of whole tensors, which FSDP splits over processes"
+
     def memory(self, plan: Any) -> None:
         """Per block two dense deltas (on o_proj's selected head columns and down_proj's
         selected channel columns), in the weights' dtype; each keeps only its input slice."""

@@ -106,6 +106,9 @@ class SpIEL(ParamsMethod):
             if self.update_every < 1 or self.grow_window < 1:
                 raise ValueError("update_every and grow_window must be >= 1")
 
+    def sharding_refusal(self) -> str | None:
+        return "selects and masks parts of whole tensors, which FSDP splits over processes"
+
     def memory(self, plan: Any) -> None:
         """``density`` x the block linears' weights as trainable values (plus int64 indices).
         Each layer computes with a dense W + delta that autograd keeps for backward (one weight

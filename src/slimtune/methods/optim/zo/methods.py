@@ -96,6 +96,12 @@ class ZerothOrder(OptimizerMethod):
     def build(self, groups: list[dict[str, Any]], model: nn.Module) -> torch.optim.Optimizer:
         return ZerothOrderOptimizer(groups, model, self.cfg, self.rule)
 
+    def sharding_refusal(self) -> str | None:
+        return (
+            "perturbs whole weight tensors inside its forwards, with noise drawn per tensor, "
+            "outside the gathers FSDP does"
+        )
+
     def check(self, train: Any, world: int) -> None:
         if train.mixed_precision == "fp16":
             raise SlimtuneError(
