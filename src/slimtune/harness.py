@@ -36,7 +36,6 @@ import json
 import math
 import random
 import re
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,11 +72,7 @@ class Task:
     split: str
     fewshot: int
     generate: bool = False
-    metrics: tuple[str, ...] = ("acc", "acc_norm")
-
-    @property
-    def primary(self) -> str:
-        return self.metrics[-1]
+    metrics: tuple[str, ...] = ("acc", "acc_norm")  # the last is the task's main one
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,17 +239,24 @@ def parse_tasks(spec: str) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 
 
+def encode_choices(
+    tok: PreTrainedTokenizerBase, context: str, continuations: list[str]
+) -> tuple[list[int], list[list[int]]]:
+    """The harness' split: trailing spaces of the context go to each continuation; the context
+    and context + continuation are tokenised whole and a continuation is what the longer
+    string adds. The context is tokenised once for all continuations."""
+    n = len(context) - len(context.rstrip())
+    head = context[:-n] if n else context
+    ctx = tok.encode(head)
+    return ctx, [tok.encode(context + c)[len(ctx) :] for c in continuations]
+
+
 def encode_pair(
     tok: PreTrainedTokenizerBase, context: str, continuation: str
 ) -> tuple[list[int], list[int]]:
-    """The harness' split: trailing spaces of the context go to the continuation; both are
-    tokenised whole and the continuation is what the longer string adds."""
-    n = len(context) - len(context.rstrip())
-    if n:
-        context, continuation = context[:-n], context[-n:] + continuation
-    whole = tok.encode(context + continuation)
-    ctx = tok.encode(context)
-    return ctx, whole[len(ctx) :]
+    """``encode_choices`` of one continuation."""
+    ctx, (cont,) = encode_choices(tok, context, [continuation])
+    return ctx, cont
 
 
 def _window(model: nn.Module) -> int:
@@ -285,11 +287,7 @@ def choice_loglikelihoods(
     window = _window(model)
     examples = []
     for context, options in zip(contexts, choices):
-        pairs = [encode_pair(tok, context, " " + c) for c in options]
-        ctx = pairs[0][0]
-        if any(p[0] != ctx for p in pairs):  # cannot happen: the context is tokenised alone
-            raise AssertionError("contexts of one question tokenised differently")
-        conts = [p[1] for p in pairs]
+        ctx, conts = encode_choices(tok, context, [" " + c for c in options])
         over = len(ctx) + max(len(c) for c in conts) - (window + 1)
         if over > 0:
             ctx = ctx[over:]
@@ -478,35 +476,33 @@ def table(results: dict[str, dict[str, Scores]]) -> list[str]:
     return lines
 
 
-def chart(results: dict[str, dict[str, Scores]], primary: Callable[[str], str], path: Path) -> None:
-    """Grouped bars: each task's main metric per model, with the standard error."""
+def chart(results: dict[str, dict[str, Scores]], path: Path) -> None:
+    """Grouped bars: each task's main metric (its last) per model, with the standard error."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     columns = list(results)
-    tasks = list(next(iter(results.values())))
+    first = next(iter(results.values()))
+    tasks = list(first)
+    main = {t: list(first[t].metrics)[-1] for t in tasks}
     width = 0.8 / len(columns)
     fig, ax = plt.subplots(figsize=(1.6 * len(tasks) + 2, 4))
     for k, c in enumerate(columns):
         xs = [i + (k - (len(columns) - 1) / 2) * width for i in range(len(tasks))]
-        ys = [results[c][t].metrics[primary(t)] for t in tasks]
-        errs = [results[c][t].stderr[primary(t)] for t in tasks]
+        ys = [results[c][t].metrics[main[t]] for t in tasks]
+        errs = [results[c][t].stderr[main[t]] for t in tasks]
         errs = [0.0 if math.isnan(e) else e for e in errs]
         ax.bar(xs, ys, width, yerr=errs, capsize=3, label=c)
     ax.set_xticks(range(len(tasks)))
-    ax.set_xticklabels([f"{t}\n{primary(t)}" for t in tasks], fontsize=8)
+    ax.set_xticklabels([f"{t}\n{main[t]}" for t in tasks], fontsize=8)
     ax.set_ylim(0, 1)
     ax.set_ylabel("score")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def primary_metric(name: str) -> str:
-    return {"boolq": "acc", "mmlu": "acc", "gsm8k": "exact_match"}.get(name, "acc_norm")
 
 
 def as_json(results: dict[str, dict[str, Scores]]) -> dict[str, Any]:
@@ -529,7 +525,7 @@ def write_report(results: dict[str, dict[str, Scores]], out: Path) -> None:
                     for i, d in enumerate(s.per_doc):
                         f.write(json.dumps({"model": column, "task": t, "doc": i, **d}) + "\n")
         (tmp / "scores.md").write_text("\n".join(table(results)) + "\n")
-        chart(results, primary_metric, tmp / "scores.png")
+        chart(results, tmp / "scores.png")
         commit_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -20,6 +20,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
+from ..sharding import like, whole
+
 
 @dataclass
 class PrepareContext:
@@ -129,10 +131,8 @@ class ParamsMethod(Method):
         missing = [n for n, p in params.items() if p.requires_grad and n not in state]
         if missing:
             raise ValueError(f"checkpoint lacks trainable tensors, e.g. {missing[:3]}")
-        from ..sharding import like  # a sharded parameter takes its shard of the tensor
-
         with torch.no_grad():
-            for n, t in state.items():
+            for n, t in state.items():  # a sharded parameter takes its shard of the tensor
                 params[n].copy_(like(params[n], t))
 
     def save_trainable(self, model: nn.Module, path: Path) -> None:
@@ -397,9 +397,7 @@ def clip_or_measure(ctx: StepContext) -> float:
     """The global gradient norm before clipping; clipped to ``ctx.max_grad_norm`` when set.
     Measured with clipping off too: a non-finite gradient must never reach the weights."""
     params = [p for p in ctx.model.parameters() if p.requires_grad]
-    from ..sharding import whole  # under FSDP the norm is a distributed tensor
-
-    if ctx.max_grad_norm > 0:
+    if ctx.max_grad_norm > 0:  # whole(): under FSDP the norm is a distributed tensor
         return float(whole(ctx.accelerator.clip_grad_norm_(params, ctx.max_grad_norm)))
     grads = [p.grad for p in params if p.grad is not None]
     return float(whole(torch.nn.utils.get_total_norm(grads))) if grads else 0.0
