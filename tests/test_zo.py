@@ -313,6 +313,35 @@ def test_paired_forward_equals_separate_forwards(tmp_path, cls_data, arch):
         assert torch.allclose(paired[j], plain, rtol=1e-5, atol=1e-5), (j, paired[j], plain)
 
 
+@pytest.mark.parametrize("shape", [(10, 3, 8), (10, 8), (10, 2, 3, 8)])
+def test_stacked_linear_writes_each_copy_into_one_output(monkeypatch, shape):
+    """A plain nn.Linear over stacked copies multiplies each copy straight into its slice of one
+    output (no concatenation of per-copy outputs) and computes bit for bit what the module's
+    own forward computes on each copy: the same GEMM calls on the same operands."""
+    from slimtune.methods.optim.zo import perturbation
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4, bias=False))
+    x = torch.randn(shape)  # two stacked copies of 5 rows
+    tensors = [zo.PerturbedTensor(p, i, 0) for i, p in enumerate(model.parameters())]
+    perturber = zo.Perturber(model, tensors, "gaussian", 0.0, 22, 0)
+    spec = zo.Pass((0, 3), [1e-2, -1e-2], active={id(t.param): t for t in tensors})
+
+    def run():
+        with torch.no_grad(), perturber.perturbed(spec):
+            return model(x)
+
+    calls, real = [], perturbation._LinearInto.run
+    monkeypatch.setattr(
+        perturbation._LinearInto, "run", lambda self, j, s: (calls.append(j), real(self, j, s))
+    )
+    fast = run()
+    assert calls == [0, 1, 0, 1]  # both layers, both copies took the fast path
+    monkeypatch.setattr(perturbation._LinearInto, "of", classmethod(lambda cls, *a: None))
+    assert torch.equal(fast, run())
+    assert not torch.equal(fast[:5], fast[5:])  # the copies saw different weights
+
+
 @pytest.mark.parametrize(
     "params",
     [
