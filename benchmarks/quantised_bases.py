@@ -9,7 +9,8 @@ PEQA and QST run with their defaults and their own learning rates (``--peqa-lr``
 
     .venv/bin/python benchmarks/quantised_bases.py --out benchmarks/results/quantised_bases_cpu
 
-About 25 minutes on 2 cores (seven methods, about 3.5 minutes each with both evaluations).
+About 35 minutes on 2 cores (ten rows, about 3.5-4 minutes each with both evaluations; the
+last two put adapters on every linear layer, bf16 and NF4, as the QLoRA paper does).
 ``--steps N`` shortens every run (the held-out numbers then say less). ``--seeds 0,1,2`` repeats
 the chosen rows with each ``train.seed`` (initialisation and data order; the held-out split is
 the same) and ends with each row's mean held-out accuracy over the seeds, and each row's mean

@@ -93,6 +93,14 @@ def test_pool_noise_is_consistent_across_slices_and_white():
     other = p.z(t, (1, 3), 0, w.numel(), w.detach())  # the next step's z
     assert abs(float((whole * other).mean())) < 0.01
     assert not torch.equal(whole, other)
+    # The definition, block by block: block b is the pool slice at offset o_b, the b-th pair of
+    # 16-bit words of the tensor's offset stream (z is gathered in one call, not block by block)
+    pairs = zo.words((1, 2), (7, zo.noise.POOL_STREAM), 0, 12).view(-1, 2)
+    pool = p.noise.pool
+    for b, (hi, lo) in enumerate(pairs.tolist()):
+        o = ((hi << 16) | lo) & ((1 << 18) - 1)
+        size = min(zo.POOL_BLOCK, w.numel() - b * zo.POOL_BLOCK)
+        assert torch.equal(whole[b * zo.POOL_BLOCK :][:size], pool[o : o + size]), b
 
 
 def test_estimate_leaves_weights_bitwise_unchanged_and_builds_no_graph():

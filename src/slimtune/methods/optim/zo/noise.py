@@ -103,17 +103,20 @@ class Noise:
         """z from the pool: block b of the tensor (POOL_BLOCK elements) is the pool slice at a
         random offset o_b (two 16-bit counter words per block), so z is mean 0, variance 1 and
         uncorrelated between blocks exactly; within a block its correlation is the pool's
-        autocorrelation (about 2**(-pool_bits/2))."""
+        autocorrelation (about 2**(-pool_bits/2)). The host computes two words per block; the
+        copy runs as one gather on the pool's device, whatever the tensor's size."""
         b0, b1 = start // POOL_BLOCK, (start + n - 1) // POOL_BLOCK
         w = words(key, (t.pid, POOL_STREAM), 2 * b0, 2 * (b1 - b0 + 1)).view(-1, 2)
-        offsets = (((w[:, 0] << 16) | w[:, 1]) & self.pool_mask).tolist()
-        z = torch.empty(n, device=self.pool.device)
-        for i, o in enumerate(offsets):
-            lo = max(start, (b0 + i) * POOL_BLOCK)
-            hi = min(start + n, (b0 + i + 1) * POOL_BLOCK)
-            a = o + lo - (b0 + i) * POOL_BLOCK
-            z[lo - start : hi - start].copy_(self.pool[a : a + hi - lo])
-        return z
+        offsets = ((w[:, 0] << 16) | w[:, 1]) & self.pool_mask
+        lo = start - b0 * POOL_BLOCK  # where the slice starts in its first block
+        if b0 == b1:  # one block: a copy of one slice of the pool
+            a = int(offsets[0]) + lo
+            return self.pool[a : a + n].clone()
+        # All blocks in one gather on the pool's device (no host loop over blocks): row o of
+        # the pool's sliding windows of POOL_BLOCK draws is the block that starts at offset o.
+        windows = self.pool.unfold(0, POOL_BLOCK, 1)
+        rows = windows.index_select(0, offsets.to(self.pool.device, torch.int64))
+        return rows.view(-1)[lo : lo + n]
 
     def z_rows(self, t: PerturbedTensor, key: tuple[int, int], rows: torch.Tensor) -> torch.Tensor:
         """z of the given rows of a 2-D tensor (runs of consecutive rows generated together)."""
