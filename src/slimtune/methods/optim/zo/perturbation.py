@@ -207,11 +207,11 @@ class Perturber:
 class _LinearInto:
     """A plain ``nn.Linear`` over the stacked copies, each copy's rows multiplied straight into
     its slice of one output tensor: the per-copy outputs are never concatenated (that copy of
-    every linear layer's output cost about a tenth of a MeZO step on CPU). Same GEMM calls on
+    every linear layer's output cost about 8% of a MeZO step on CPU). Same GEMM calls on
     the same operands as ``F.linear`` of each copy (``mm``, or ``addmm`` with a bias)."""
 
     def __init__(self, module: nn.Linear, x: torch.Tensor, k: int):
-        self.module, self.k = module, k
+        self.module = module
         # F.linear adds a bias inside the GEMM (addmm) for 2-D and contiguous 3-D inputs and
         # after it otherwise; the same here, so each copy's output is bitwise its own forward's
         self.fused = x.ndim == 2 or (x.ndim == 3 and x.is_contiguous())
