@@ -1,7 +1,7 @@
 """Helpers that several params methods share (so that no method imports another unless it
 subclasses it): the decoder blocks of a model, the optimizer state of tensors that stop
-training, param groups of a selection method, seeded draws, and the meta-device measurements
-the planner prices adapters by."""
+training, param groups of a selection method, seeded draws, the meta-device measurements
+the planner prices adapters by, and the sharding refusal of the selection methods."""
 
 from __future__ import annotations
 
@@ -12,6 +12,9 @@ from torch import nn
 
 from ..errors import SlimtuneError
 from .base import ParamsMethod
+
+# sharding_refusal() of the methods that train selected parts of whole tensors (HFT, S2FT, SpIEL)
+SELECTS_PARTS = "selects and masks parts of whole tensors, which FSDP splits over processes"
 
 
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:

@@ -19,7 +19,13 @@ from torch import nn
 
 from ...registry import register
 from ..base import ParamsMethod, PrepareContext
-from ..shared import decoder_layers, drop_optimizer_state, groups_including, seeded_generator
+from ..shared import (
+    SELECTS_PARTS,
+    decoder_layers,
+    drop_optimizer_state,
+    groups_including,
+    seeded_generator,
+)
 
 
 @register("params", "hft")
@@ -36,7 +42,7 @@ class HalfFineTuning(ParamsMethod):
                 raise ValueError(f"reselect_every must be >= 0, got {self.reselect_every}")
 
     def sharding_refusal(self) -> str | None:
-        return "selects and masks parts of whole tensors, which FSDP splits over processes"
+        return SELECTS_PARTS
 
     def memory(self, plan: Any) -> None:
         """Half of each block's attention matrices and, on average, half of its FFN matrices

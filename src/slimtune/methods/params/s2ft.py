@@ -25,7 +25,7 @@ from transformers import PreTrainedTokenizerBase
 
 from ...registry import register
 from ..base import ParamsMethod, PrepareContext
-from ..shared import decoder_layers, seeded_generator
+from ..shared import SELECTS_PARTS, decoder_layers, seeded_generator
 
 
 class _SliceDelta(torch.autograd.Function):
@@ -92,7 +92,7 @@ class S2FT(ParamsMethod):
                     raise ValueError(f"{name} must be in (0, 1], got {getattr(self, name)}")
 
     def sharding_refusal(self) -> str | None:
-        return "selects and masks parts of whole tensors, which FSDP splits over processes"
+        return SELECTS_PARTS
 
     def memory(self, plan: Any) -> None:
         """Per block two dense deltas (on o_proj's selected head columns and down_proj's

@@ -27,7 +27,7 @@ from transformers import PreTrainedTokenizerBase
 
 from ...registry import register
 from ..base import ParamsMethod, PrepareContext
-from ..shared import decoder_layers
+from ..shared import SELECTS_PARTS, decoder_layers
 
 DELTA_FILE = "spiel_delta.safetensors"
 CONFIG_FILE = "spiel_config.json"
@@ -107,7 +107,7 @@ class SpIEL(ParamsMethod):
                 raise ValueError("update_every and grow_window must be >= 1")
 
     def sharding_refusal(self) -> str | None:
-        return "selects and masks parts of whole tensors, which FSDP splits over processes"
+        return SELECTS_PARTS
 
     def memory(self, plan: Any) -> None:
         """``density`` x the block linears' weights as trainable values (plus int64 indices).
